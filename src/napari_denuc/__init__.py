@@ -1,0 +1,1 @@
+"""DeNuC nuclei detection and classification."""

@@ -1,0 +1,58 @@
+"""Data set loaders. Each returns a list of :class:`Sample`.
+
+``load_dataset("brca_m2c", root, "train")`` picks the loader by name; the generic
+``folder`` format lets users bring their own images and point files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DenucError
+
+
+@dataclass
+class Sample:
+    """One annotated image.
+
+    ``image`` is (H, W, 3) uint8 RGB; ``points`` (N, 2) float (x, y) in its pixels;
+    ``labels`` (N,) int, 0-based indices into ``class_names``; ``mpp`` micrometres per pixel.
+    """
+
+    name: str
+    image: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    mpp: float
+
+
+def _loaders():
+    from . import brca_m2c, folder, ocelot, puma
+
+    return {"brca_m2c": brca_m2c.load, "ocelot": ocelot.load, "puma": puma.load, "folder": folder.load}
+
+
+DATASET_NAMES = ("brca_m2c", "ocelot", "puma", "folder")
+
+
+def load_dataset(name: str, root, split: str = "train", **options) -> list[Sample]:
+    loaders = _loaders()
+    if name not in loaders:
+        raise DenucError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return loaders[name](root, split, **options)
+
+
+def clean_points(points, labels, shape, source: str):
+    """Drop points outside the image (with a warning naming ``source``); return float/int arrays."""
+    import warnings
+
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    h, w = shape[:2]
+    inside = (points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) & (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5)
+    if not inside.all():
+        warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image", stacklevel=3)
+    return points[inside], labels[inside]

@@ -1,0 +1,164 @@
+"""The point detector: backbone -> PAN neck -> point head (paper section 2.2).
+
+At every point of a stride-8 reference grid the head predicts a nucleus score
+(a logit; ``sigmoid(score) > tau`` keeps it) and a 2-D offset from the grid
+point. Grid points sit at the centres of 8 x 8 pixel blocks: with pixel
+centres at integer coordinates, cell (i, j) has its reference point at
+``(j * 8 + 3.5, i * 8 + 3.5)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DenucError
+
+STRIDE = 8
+
+# Width name -> neck/head channels, as in the paper's Table 2 models.
+SHUFFLENET_NECK = {
+    "shufflenet_v2_x0_5": 96,
+    "shufflenet_v2_x1_0": 96,
+    "shufflenet_v2_x1_5": 192,
+    "shufflenet_v2_x2_0": 192,
+}
+
+
+class ShuffleNetFeatures(nn.Module):
+    """torchvision's ShuffleNetV2 without conv5/fc, returning strides 8, 16, 32."""
+
+    def __init__(self, name: str, pretrained: bool = False):
+        super().__init__()
+        import torchvision.models as tvm
+
+        weights = "DEFAULT" if pretrained else None
+        net = getattr(tvm, name)(weights=weights)
+        self.stem = nn.Sequential(net.conv1, net.maxpool)
+        self.stages = nn.ModuleList([net.stage2, net.stage3, net.stage4])
+        self.channels = [stage[-1].branch2[-3].out_channels * 2 for stage in self.stages]
+
+    def forward(self, x):
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+class TimmFeatures(nn.Module):
+    """Any timm backbone with ``features_only=True``, taking its stride 8/16/32 maps."""
+
+    def __init__(self, name: str, pretrained: bool = False):
+        super().__init__()
+        import timm
+
+        try:
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        except Exception as exc:  # timm raises RuntimeError/ValueError for unknown names
+            raise DenucError(f"unknown detector backbone {name!r}: {exc}") from None
+        reductions = probe.feature_info.reduction()
+        wanted = [reductions.index(r) for r in (8, 16, 32) if r in reductions]
+        if len(wanted) != 3:
+            raise DenucError(f"backbone {name!r} has no stride 8/16/32 feature maps (it has {reductions})")
+        self.net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=wanted)
+        self.channels = list(self.net.feature_info.channels())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class PAN(nn.Module):
+    """Path Aggregation Network: 1x1 laterals, a top-down then a bottom-up pass."""
+
+    def __init__(self, in_channels: list[int], out_channels: int):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+
+    def forward(self, feats):
+        lat = [conv(f) for conv, f in zip(self.laterals, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear")
+        for i in range(len(lat) - 1):
+            lat[i + 1] = lat[i + 1] + F.interpolate(lat[i], size=lat[i + 1].shape[-2:], mode="bilinear")
+        return lat
+
+
+class PointHead(nn.Module):
+    """Fuses the PAN levels at stride 8, then predicts a score and an offset per grid point."""
+
+    def __init__(self, channels: int, n_convs: int = 2):
+        super().__init__()
+        layers = []
+        for _ in range(n_convs):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.score = nn.Conv2d(channels, 1, 1)
+        self.offset = nn.Conv2d(channels, 2, 1)
+        # Start with a low nucleus prior so early training is not swamped by background loss.
+        nn.init.constant_(self.score.bias, -2.0)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def fuse(self, levels):
+        size = levels[0].shape[-2:]
+        x = levels[0]
+        for lvl in levels[1:]:
+            x = x + F.interpolate(lvl, size=size, mode="nearest")
+        return self.convs(x / len(levels))
+
+    def forward(self, levels):
+        x = self.fuse(levels)
+        return self.score(x)[:, 0], self.offset(x)
+
+
+class PointDetector(nn.Module):
+    """ShuffleNetV2 (or any timm backbone) + PAN + point head.
+
+    ``forward`` takes a normalised (B, 3, H, W) batch with H, W multiples of 32 and
+    returns ``(logits (B, H/8, W/8), xy (B, H/8, W/8, 2))`` where ``xy`` are the
+    predicted nucleus positions in input pixels (grid point + offset).
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, backbone: str = "shufflenet_v2_x0_5", neck_channels: int | None = None, pretrained: bool = False):
+        super().__init__()
+        self.backbone_name = backbone
+        if backbone in SHUFFLENET_NECK:
+            self.backbone = ShuffleNetFeatures(backbone, pretrained)
+            neck_channels = neck_channels or SHUFFLENET_NECK[backbone]
+        else:
+            name = backbone.removeprefix("timm:")
+            self.backbone = TimmFeatures(name, pretrained)
+            neck_channels = neck_channels or 256
+        self.neck_channels = neck_channels
+        self.neck = PAN(self.backbone.channels, neck_channels)
+        self.head = PointHead(neck_channels)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float."""
+        x = rgb_uint8.permute(0, 3, 1, 2).float() / 255.0
+        return (x - self.mean) / self.std
+
+    def neck_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused stride-8 features the head sees, (B, C, H/8, W/8). Used by the ``lite`` encoder."""
+        return self.head.fuse(self.neck(self.backbone(x)))
+
+    def forward(self, x: torch.Tensor):
+        logits, offset = self.head(self.neck(self.backbone(x)))
+        b, _, h, w = offset.shape
+        ys = torch.arange(h, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
+        xs = torch.arange(w, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+        xy = grid.unsqueeze(0) + offset.permute(0, 2, 3, 1) * STRIDE
+        return logits, xy
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,1 @@
+"""Reading images with their resolution, and point files in QuPath GeoJSON and CSV."""

@@ -1,0 +1,60 @@
+"""The result of running the pipeline on one image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Colours that read well on H&E (pink/purple): QuPath needs an RGB colour per class.
+DEFAULT_COLORS = (
+    (0, 200, 0),  # green
+    (230, 0, 0),  # red
+    (0, 120, 255),  # blue
+    (255, 200, 0),  # yellow
+    (255, 0, 255),  # magenta
+    (0, 230, 230),  # cyan
+    (255, 128, 0),  # orange
+    (128, 0, 255),  # violet
+    (128, 128, 128),  # grey
+    (0, 0, 0),
+)
+
+
+def default_colors(n: int) -> tuple[tuple[int, int, int], ...]:
+    return tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n))
+
+
+@dataclass
+class Detections:
+    """Nuclei found in one image.
+
+    ``xy`` is (N, 2) in full-resolution pixel coordinates of the input image,
+    x to the right and y down (the QuPath / GeoJSON convention).
+    ``class_ids`` index ``class_names``; ``probs`` is (N, K) or None.
+    """
+
+    xy: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    class_names: tuple[str, ...] = ("nucleus",)
+    class_colors: tuple[tuple[int, int, int], ...] = field(default=())
+    probs: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)
+        n = len(self.xy)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(n)
+        self.class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(n)
+        self.class_names = tuple(self.class_names)
+        if not self.class_colors:
+            self.class_colors = default_colors(len(self.class_names))
+        self.class_colors = tuple(tuple(int(v) for v in c) for c in self.class_colors)
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float32).reshape(n, len(self.class_names))
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.class_ids == k).sum()) for k, name in enumerate(self.class_names)}
