@@ -29,20 +29,16 @@ class Sample:
     mpp: float
 
 
-def _loaders():
-    from . import brca_m2c, folder, ocelot, puma
-
-    return {"brca_m2c": brca_m2c.load, "ocelot": ocelot.load, "puma": puma.load, "folder": folder.load}
-
-
 DATASET_NAMES = ("brca_m2c", "ocelot", "puma", "folder")
 
 
 def load_dataset(name: str, root, split: str = "train", **options) -> list[Sample]:
-    loaders = _loaders()
-    if name not in loaders:
+    """Load ``split`` of data set ``name`` (one of DATASET_NAMES) stored under ``root``."""
+    import importlib
+
+    if name not in DATASET_NAMES:
         raise DenucError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    return loaders[name](root, split, **options)
+    return importlib.import_module(f"{__name__}.{name}").load(root, split, **options)
 
 
 def clean_points(points, labels, shape, source: str):

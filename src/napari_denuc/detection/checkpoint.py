@@ -1,0 +1,139 @@
+"""Detector checkpoints: weights in safetensors, everything else in a JSON sidecar.
+
+``detector.safetensors`` holds the weights; ``detector.json`` beside it holds the
+architecture, the model's mpp, the score threshold and NMS radius chosen on
+validation data, a training-data summary and metrics. Loading needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DenucError
+
+FORMAT = "napari-denuc-detector"
+BUNDLED = "detector.safetensors"
+
+
+def sidecar_path(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def file_digest(path, length: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@dataclass
+class Detector:
+    """A loaded detector and the settings it was validated with."""
+
+    model: object  # PointDetector
+    mpp: float = 0.5
+    tau: float = 0.5
+    nms_um: float = 2.0
+    meta: dict = field(default_factory=dict)
+    id: str = "untrained"
+
+    def detect(self, image, mpp: float, tau: float | None = None, nms_um: float | None = None, **options):
+        """(xy, scores) of nuclei in ``image`` (RGB, any size) stated at ``mpp``; see detection.infer.detect."""
+        from .infer import detect
+
+        self.model.eval()
+        return detect(
+            self.model,
+            image,
+            mpp,
+            model_mpp=self.mpp,
+            tau=self.tau if tau is None else tau,
+            nms_um=self.nms_um if nms_um is None else nms_um,
+            **options,
+        )
+
+
+def save_detector(model, path, mpp: float, tau: float = 0.5, nms_um: float = 2.0, **meta) -> None:
+    """Write ``path`` (.safetensors) and its JSON sidecar atomically."""
+    from safetensors.torch import save_file
+
+    from ..io.atomic import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    info = {
+        "format": FORMAT,
+        "version": 1,
+        "architecture": {"backbone": model.backbone_name, "neck_channels": model.neck_channels},
+        "mpp": mpp,
+        "tau": tau,
+        "nms_um": nms_um,
+        **meta,
+    }
+    atomic_write(sidecar_path(path), json.dumps(info, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def bundled_detector_path() -> Path:
+    return Path(str(resources.files("napari_denuc") / "weights" / BUNDLED))
+
+
+def load_detector(path=None, device: str | None = None) -> Detector:
+    """Load a detector checkpoint (default: the one bundled with the package)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import PointDetector
+
+    path = Path(path) if path is not None else bundled_detector_path()
+    if not path.is_file():
+        raise DenucError(f"detector checkpoint not found: {path}")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise DenucError(f"{path} has no sidecar {side.name}: not a napari-denuc detector checkpoint")
+    try:
+        info = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DenucError(f"{side} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DenucError(f"{side} does not describe a napari-denuc detector (format {info.get('format') if isinstance(info, dict) else None!r})")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DenucError(f"cannot read detector weights {path}: truncated or not safetensors ({exc})") from None
+    arch = info.get("architecture", {})
+    model = PointDetector(arch.get("backbone", "shufflenet_v2_x0_5"), arch.get("neck_channels"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise DenucError(f"{path} does not hold weights of a {arch.get('backbone')} detector: {first}") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return Detector(
+        model,
+        mpp=float(info.get("mpp", 0.5)),
+        tau=float(info.get("tau", 0.5)),
+        nms_um=float(info.get("nms_um", 2.0)),
+        meta=info,
+        id=f"{arch.get('backbone')}-{file_digest(path)}",
+    )
