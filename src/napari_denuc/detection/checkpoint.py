@@ -129,6 +129,7 @@ def load_detector(path=None, device: str | None = None) -> Detector:
         raise DenucError(f"{path} does not hold weights of a {arch.get('backbone')} detector: {first}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    model.mpp = float(info.get("mpp", 0.5))  # read by encoders that sample the neck (lite)
     return Detector(
         model,
         mpp=float(info.get("mpp", 0.5)),

@@ -1,0 +1,47 @@
+"""What every command shares: --debug, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ..errors import DenucError
+
+EXIT_USER_ERROR = 2
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return p
+
+
+def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call ``main(args)``; print a user error as one line and return a non-zero code."""
+    try:
+        return main(args) or 0
+    except DenucError as exc:
+        if args.debug:
+            raise
+        print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"{sys.argv[0].rsplit('/', 1)[-1]}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def parse_data_args(values: list[str]) -> list[tuple[str, str]]:
+    """``name=PATH`` pairs from repeated ``--data`` options."""
+    out = []
+    for v in values or []:
+        name, sep, root = v.partition("=")
+        if not sep or not name or not root:
+            raise DenucError(f"--data expects NAME=PATH (e.g. brca_m2c=/data/brca_m2c), got {v!r}")
+        out.append((name, root))
+    return out

@@ -1,0 +1,84 @@
+"""denuc-train: train the point detector or the linear head.
+
+Both run on one process, or under ``torchrun`` with DistributedDataParallel
+(``WORLD_SIZE`` set by torchrun; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import common
+
+
+def build_parser():
+    p = common.parser("denuc-train", "Train the DeNuC point detector or the linear classification head.")
+    sub = p.add_subparsers(dest="what", required=True)
+
+    d = sub.add_parser("detector", help="train the point detector (resumes from OUT/last.* when present)")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+    d.add_argument("--data", action="append", required=True, metavar="NAME=PATH", help="training data set; repeat for joint training")
+    d.add_argument("--val", action="append", metavar="NAME=PATH", help="validation data set (split 'val'); default: the --data sets")
+    d.add_argument("--out", required=True, help="output folder: best.safetensors (+ .json), last.* for resuming, log")
+    d.add_argument("--backbone", default="shufflenet_v2_x1_0", help="shufflenet_v2_x0_5/x1_0/x1_5/x2_0 or any timm model name (features_only)")
+    d.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs internet once)")
+    d.add_argument("--mpp", type=float, default=0.5, help="model resolution; every data set is resampled to it")
+    d.add_argument("--epochs", type=int, default=60)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--crop", type=int, default=256)
+    d.add_argument("--crops-per-image", type=int, default=4)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--eval-every", type=int, default=2)
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    d.add_argument("--max-images", type=int, default=0, help="use only this many training images (smoke tests)")
+    d.add_argument("--seed", type=int, default=0)
+
+    h = sub.add_parser("head", help="train the linear head on frozen encoder features at nuclei")
+    h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+    h.add_argument("--encoder", default="lite")
+    h.add_argument("--encoder-weights", help="local encoder state dict (no network)")
+    h.add_argument("--data", action="append", required=True, metavar="NAME=PATH", help="data set with train and val splits; repeatable")
+    h.add_argument("--detector", help="detector checkpoint (default: bundled); used by lite and for --background")
+    h.add_argument("--out", required=True, help="head file to write (.safetensors + .json sidecar)")
+    h.add_argument("--background", action="store_true", help="add a background class trained on detections that match no nucleus")
+    h.add_argument("--class-weight", choices=["none", "balanced"], default="none")
+    h.add_argument("--epochs", type=int, default=100)
+    h.add_argument("--lr", type=float, default=0.01)
+    h.add_argument("--radius-um", type=float, default=3.0)
+    h.add_argument("--finetune", choices=["none", "lora"], default="none", help="lora: adapt the encoder with LoRA (GPU advised)")
+    h.add_argument("--lora-rank", type=int, default=8)
+    h.add_argument("--device")
+    h.add_argument("--max-images", type=int, default=0, help="use only this many images per split (smoke tests)")
+    return p
+
+
+def _detector(args) -> int:
+    from ..detection.train import TrainConfig, train_detector
+
+    data = common.parse_data_args(args.data)
+    val = [(n, r, "val") for n, r in common.parse_data_args(args.val)] if args.val else []
+    cfg = TrainConfig(
+        data=data, val=val, out=args.out, backbone=args.backbone, pretrained=args.pretrained, mpp=args.mpp,
+        epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, crops_per_image=args.crops_per_image,
+        lr=args.lr, eval_every=args.eval_every, threads=args.threads, max_images=args.max_images, seed=args.seed,
+    )
+    best = train_detector(cfg)
+    if "f1" in best and best["f1"] >= 0:
+        print(f"best val detection F1 {best['f1']:.4f} at epoch {best['epoch']} (tau {best['tau']}, NMS {best['nms_um']} um): {args.out}/best.safetensors")
+    return 0
+
+
+def _head(args) -> int:
+    from ..head_training import train_head_cli
+
+    return train_head_cli(args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return common.run(_detector if args.what == "detector" else _head, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

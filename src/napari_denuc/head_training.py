@@ -1,0 +1,122 @@
+"""Training the linear head on whole data sets: features at annotated nuclei, then a fit.
+
+Features are read at the ground-truth points of each training image (cached by the
+encoder), optionally plus a background class from detections that match no
+nucleus, so the head can reject false detections. The result is scored on the val
+split twice: classifying the ground-truth points (the head alone) and end to end
+(detector + encoder + head), both with the distance-based F1.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .errors import DenucError
+from .metrics import PointScorer, match_points
+
+BACKGROUND = "background"
+
+
+def collect_features(pipeline, samples, background: bool = False, radius_um: float = 3.0, desc: str = "features"):
+    """(features, labels) over ``samples``; labels index the samples' classes, K = background."""
+    from tqdm import tqdm
+
+    feats, labels = [], []
+    k = len(samples[0].class_names)
+    for s in tqdm(samples, desc=desc, disable=not sys.stderr.isatty(), leave=False):
+        pts, lab = s.points, s.labels
+        if background:
+            xy, scores = pipeline.detect(s.image, s.mpp)
+            matched, _ = match_points(xy, s.points, radius_um / s.mpp, scores)
+            spare = np.setdiff1d(np.arange(len(xy)), matched)
+            pts = np.concatenate([pts, xy[spare]])
+            lab = np.concatenate([lab, np.full(len(spare), k)])
+        if len(pts):
+            feats.append(pipeline.features_at(s.image, pts, s.mpp))
+            labels.append(lab)
+    if not feats:
+        raise DenucError("the training images hold no annotated nuclei")
+    return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+
+
+def score_head(pipeline, samples, radius_um: float = 3.0, gt_points: bool = False) -> dict:
+    """Distance-based F1 of the pipeline's head on ``samples`` (end to end, or at the GT points)."""
+    scorer = PointScorer(pipeline.class_names)
+    for s in samples:
+        radius = radius_um / s.mpp
+        if gt_points:
+            cls, probs = pipeline.classify(s.image, s.points, s.mpp)
+            scorer.add(s.points, s.points, radius, probs.max(1) if len(probs) else None, cls, s.labels)
+        else:
+            det = pipeline.run(s.image, s.mpp)
+            scorer.add(det.xy, s.points, radius, det.scores, det.class_ids, s.labels)
+    return scorer.result()
+
+
+def train_head(pipeline, train, val=(), background=False, class_weight=None, epochs=100, lr=0.01, radius_um=3.0, log=print):
+    """Fit a new LinearHead for ``pipeline.encoder`` on ``train``; attach it to the pipeline and score it on ``val``."""
+    from .head import LinearHead
+
+    names = tuple(train[0].class_names)
+    if any(tuple(s.class_names) != names for s in list(train) + list(val)):
+        raise DenucError("all training and validation data sets must share the same class names; map them first")
+    t0 = time.time()
+    x, y = collect_features(pipeline, train, background, radius_um, "train features")
+    t_feat = time.time() - t0
+    head = LinearHead(pipeline.encoder.feature_dim, names, encoder_id=pipeline.encoder.id, mpp=pipeline.encoder.mpp, background=background)
+    t1 = time.time()
+    fit = head.fit(x, y, class_weight=class_weight, epochs=epochs, lr=lr)
+    t_fit = time.time() - t1
+    pipeline.head = head
+    report = {
+        "n_train_points": int(len(y)),
+        "train_counts": {n: int((y == i).sum()) for i, n in enumerate(names + ((BACKGROUND,) if background else ()))},
+        "feature_seconds": round(t_feat, 1),
+        "fit_seconds": round(t_fit, 2),
+        "fit": fit,
+    }
+    if val:
+        report["val_gt_points"] = score_head(pipeline, val, radius_um, gt_points=True)
+        report["val_end_to_end"] = score_head(pipeline, val, radius_um)
+        log(
+            f"val f_avg {report['val_end_to_end']['f_avg']:.4f} end to end, "
+            f"{report['val_gt_points']['f_avg']:.4f} at ground-truth points"
+        )
+    return head, report
+
+
+def train_head_cli(args) -> int:
+    from .cli.common import parse_data_args
+    from .data import load_dataset
+    from .pipeline import Pipeline
+
+    if args.finetune == "lora":
+        from .encoders.finetune import lora_finetune_cli
+
+        return lora_finetune_cli(args)
+    data = parse_data_args(args.data)
+    train, val = [], []
+    for name, root in data:
+        train += load_dataset(name, root, "train")
+        try:
+            val += load_dataset(name, root, "val")
+        except DenucError as exc:
+            print(f"no validation split for {name}: {exc}", file=sys.stderr)
+    if args.max_images:
+        train, val = train[: args.max_images], val[: args.max_images]
+    pipe = Pipeline.from_defaults(args.detector, args.encoder, None, args.device, args.encoder_weights)
+    pipe.head = None
+    head, report = train_head(
+        pipe, train, val, background=args.background,
+        class_weight=None if args.class_weight == "none" else args.class_weight,
+        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um,
+    )
+    head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
+    if "val_end_to_end" in report:
+        for name, c in report["val_end_to_end"]["classes"].items():
+            print(f"  {name:>12}: F1 {c['f1']:.4f} (P {c['precision']:.3f}, R {c['recall']:.3f}, n={c['support']})")
+    print(f"head written to {args.out}")
+    return 0

@@ -1,0 +1,154 @@
+"""Detector + frozen encoder + linear head on one image: the DeNuC pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DenucError
+from .io.images import as_rgb_uint8
+from .results import Detections
+
+BUNDLED_HEAD = "lite_head.safetensors"
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def bundled_head_path() -> Path:
+    return Path(str(resources.files("napari_denuc") / "weights" / BUNDLED_HEAD))
+
+
+def encoder_weights_cached(name: str) -> bool:
+    """True when the hub weights of encoder ``name`` are already in the local Hugging Face cache."""
+    from .encoders import get_spec
+
+    try:
+        spec = get_spec(name)
+    except DenucError:
+        return False
+    if not spec.hub:
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = spec.hub.split(":", 1)[1]
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in HUB_WEIGHT_FILES)
+
+
+def default_encoder_name() -> str:
+    """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline ``lite``."""
+    name = os.environ.get("DENUC_ENCODER")
+    if name:
+        return name
+    return "uni2-h" if encoder_weights_cached("uni2-h") else "lite"
+
+
+def _phase(progress, start: float, span: float):
+    """Map a (done, total) callback of one phase onto a 0-100 overall scale."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(int(start + span * done / max(total, 1)), 100)
+
+
+class Pipeline:
+    """Runs the detector, then the encoder at the detected points, then the head.
+
+    With no head the pipeline still detects, and every nucleus gets the single class
+    ``nucleus`` (train a head from corrections in napari, or with ``denuc-train head``).
+    """
+
+    def __init__(self, detector, encoder=None, head=None):
+        self.detector = detector
+        self.encoder = encoder
+        self.head = head
+        if head is not None and encoder is not None and head.feature_dim != encoder.feature_dim:
+            raise DenucError(
+                f"the head expects {head.feature_dim}-d features from encoder {head.encoder_id!r}, "
+                f"but encoder {encoder.id!r} gives {encoder.feature_dim}-d"
+            )
+
+    @classmethod
+    def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None, head_required=False):
+        """Build from paths/names; None means the bundled detector, the default encoder and, for ``lite``, the bundled head."""
+        from .detection.checkpoint import load_detector
+        from .encoders import get_encoder
+        from .head import LinearHead
+
+        det = load_detector(detector, device=device)
+        name = encoder or default_encoder_name()
+        enc = get_encoder(name, detector=det.model, weights=encoder_weights, device=device)
+        if head is None and name == "lite" and bundled_head_path().is_file():
+            head = bundled_head_path()
+        if head is None and head_required:
+            raise DenucError(f"no head for encoder {name!r}: train one with 'denuc-train head --encoder {name} ...' and pass --head")
+        lin = LinearHead.load(head, encoder=enc) if head is not None else None
+        return cls(det, enc, lin)
+
+    @property
+    def tau(self) -> float:
+        return self.detector.tau
+
+    @property
+    def nms_um(self) -> float:
+        return self.detector.nms_um
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.head.class_names) if self.head is not None else ("nucleus",)
+
+    @property
+    def class_colors(self):
+        return tuple(self.head.class_colors) if self.head is not None else ()
+
+    def detect(self, image, mpp: float, tau=None, nms_um=None, progress=None):
+        return self.detector.detect(image, mpp, tau=tau, nms_um=nms_um, progress=progress)
+
+    def features_at(self, image, xy, mpp: float, progress=None) -> np.ndarray:
+        if self.encoder is None:
+            raise DenucError("this pipeline has no encoder")
+        return self.encoder.features_at(image, np.asarray(xy, dtype=np.float64).reshape(-1, 2), mpp, progress=progress)
+
+    def classify(self, image, xy, mpp: float, progress=None):
+        """(class_ids, probs) for points ``xy``; requires a head."""
+        if self.head is None:
+            raise DenucError("this pipeline has no classification head")
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        if len(xy) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.head.class_names)), dtype=np.float32)
+        probs = self.head.predict_proba(self.features_at(image, xy, mpp, progress=progress))
+        return probs.argmax(1), probs
+
+    def run(
+        self,
+        image,
+        mpp: float,
+        progress: Callable[[int, int], None] | None = None,
+        roi: tuple[float, float, float, float] | None = None,
+        tau: float | None = None,
+        nms_um: float | None = None,
+    ) -> Detections:
+        """Detect and classify nuclei in ``image`` (RGB, any size) at ``mpp``.
+
+        ``roi`` = (x0, y0, x1, y1) restricts the work to a box, in input pixels; the
+        returned points are always in the full image's pixel coordinates.
+        """
+        image = as_rgb_uint8(image)
+        x0 = y0 = 0
+        if roi is not None:
+            h, w = image.shape[:2]
+            x0, y0 = max(0, int(np.floor(roi[0]))), max(0, int(np.floor(roi[1])))
+            x1, y1 = min(w, int(np.ceil(roi[2]))), min(h, int(np.ceil(roi[3])))
+            if x1 <= x0 or y1 <= y0:
+                raise DenucError(f"the region {roi} does not overlap the {w}x{h} image")
+            image = image[y0:y1, x0:x1]
+        with_head = self.head is not None
+        xy, scores = self.detect(image, mpp, tau, nms_um, progress=_phase(progress, 0, 50 if with_head else 100))
+        if with_head:
+            class_ids, probs = self.classify(image, xy, mpp, progress=_phase(progress, 50, 50))
+        else:
+            class_ids, probs = np.zeros(len(xy), dtype=np.int64), None
+        if progress is not None:
+            progress(100, 100)
+        return Detections(xy + (x0, y0), scores, class_ids, self.class_names, self.class_colors, probs)
