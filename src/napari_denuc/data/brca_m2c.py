@@ -30,9 +30,11 @@ def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
             continue
         parts = line.replace(",", " ").split()
         try:
-            y, x, c = float(parts[0]), float(parts[1]), int(float(parts[2]))
-            if len(parts) != 3 or not 1 <= c <= len(CLASS_NAMES) or not np.isfinite([x, y]).all():
+            y, x, c = float(parts[0]), float(parts[1]), float(parts[2])
+            # "2.5" or "inf" as a class is as malformed as a missing column.
+            if len(parts) != 3 or c not in range(1, len(CLASS_NAMES) + 1) or not np.isfinite([x, y]).all():
                 raise ValueError
+            c = int(c)
         except (ValueError, IndexError):
             bad.append(lineno)
             continue
@@ -44,6 +46,10 @@ def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(root, split: str = "train") -> list[Sample]:
+    """Load one split (``train``, ``val``; ``test`` when its split file is present).
+
+    Raises DenucError for an unknown or missing split and for missing image/label files.
+    """
     root = Path(root)
     if split not in SPLITS:
         raise DenucError(f"unknown BRCA-M2C split {split!r}; use one of {', '.join(SPLITS)}")

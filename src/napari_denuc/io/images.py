@@ -67,9 +67,13 @@ def _tiff_mpp(path: Path) -> float | None:
         if m and float(m.group(1)) > 0:
             return float(m.group(1))
         tags = page.tags
-        if "XResolution" in tags and "ResolutionUnit" in tags:
+        if "XResolution" in tags:
             num, den = tags["XResolution"].value
-            unit = int(tags["ResolutionUnit"].value)
+            unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2  # the TIFF default is inch
+            # ImageJ writes no unit tag value but "unit=micron" and pixels per micrometre.
+            ij_unit = re.search(r"^unit=(\S+)", desc, re.MULTILINE)
+            if unit == 1 and ij_unit and ij_unit.group(1).lower() in ("micron", "um", "\\u00b5m", "µm", "microns"):
+                return den / num if num and den and 0.05 <= den / num <= 20 else None
             if num and den and unit in (2, 3):
                 per_unit = num / den  # pixels per inch (2) or per centimetre (3)
                 mpp = (25400.0 if unit == 2 else 10000.0) / per_unit
@@ -96,7 +100,11 @@ def read_image(path) -> tuple[np.ndarray, float | None]:
             from PIL import Image
 
             with Image.open(path) as im:
-                data = np.asarray(im.convert("RGBA") if im.mode in ("P", "LA") else im)
+                if im.mode in ("P", "PA", "LA"):
+                    im = im.convert("RGBA")  # palette/grey + alpha: keep the alpha to composite on white
+                elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    im = im.convert("RGB")  # 4-channel CMYK would otherwise pass for RGBA
+                data = np.asarray(im)
             mpp = None
     except DenucError:
         raise

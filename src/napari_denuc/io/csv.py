@@ -1,0 +1,156 @@
+"""Points as CSV: ``x,y,class,score,prob_<class>...``, one nucleus per row.
+
+Coordinates are library pixel coordinates (pixel centres at integers), with no offset.
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DenucError
+from ..results import Detections
+from .atomic import atomic_write
+
+CLASS_COLUMNS = ("class", "label", "classification", "name")  # accepted names of the class column
+
+
+def write_csv(path, det: Detections) -> Path:
+    """Write ``det`` to ``path`` atomically, with header ``x,y,class,score[,prob_<class>...]``.
+
+    ``class`` holds class names; ``prob_<class>`` columns are written when ``det.probs`` is set.
+    """
+    buf = io.StringIO()
+    w = _csv.writer(buf, lineterminator="\n")
+    header = ["x", "y", "class", "score"]
+    if det.probs is not None:
+        header += [f"prob_{n}" for n in det.class_names]
+    w.writerow(header)
+    for i in range(len(det)):
+        row = [f"{det.xy[i, 0]:.3f}", f"{det.xy[i, 1]:.3f}", det.class_names[det.class_ids[i]], f"{det.scores[i]:.6g}"]
+        if det.probs is not None:
+            row += [f"{p:.6g}" for p in det.probs[i]]
+        w.writerow(row)
+    return atomic_write(path, buf.getvalue())
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def read_csv(path, class_names=None) -> Detections:
+    """Read points from a CSV file.
+
+    Columns (case-insensitive): ``x`` and ``y`` are required; optional ``class`` (also
+    ``label``, ``classification`` or ``name``), ``score`` (default 1.0) and ``prob_<class>``.
+    A file whose first row is numeric has no header and is read as ``x,y[,class[,score]]``
+    (the OCELOT layout).
+
+    The class column holds either names or, when every value is an integer, **1-based class
+    ids**: ``1`` is ``class_names[0]``. Integer ids without ``class_names`` become the names
+    ``"1"``, ``"2"``, ... up to the largest id, so ids keep their meaning. Without a class
+    column every point is of class ``"nucleus"`` (or the only entry of ``class_names``).
+
+    Without ``class_names``, name classes are ordered by first appearance; with it, unknown
+    names raise DenucError listing them.
+
+    A malformed row (missing or non-numeric coordinate, bad score) raises DenucError naming
+    its line: user point files should be fixed rather than silently shortened. Empty lines
+    are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DenucError(f"point file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DenucError(f"{path} is not a text CSV file") from None
+    rows = [(n, r) for n, r in enumerate(_csv.reader(io.StringIO(text)), 1) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise DenucError(f"{path} is empty; a point CSV needs at least the header x,y")
+    first = [c.strip() for c in rows[0][1]]
+    if len(first) >= 2 and _is_number(first[0]) and _is_number(first[1]):
+        cols = {"x": 0, "y": 1}
+        if len(first) >= 3:
+            cols["class"] = 2
+        if len(first) >= 4:
+            cols["score"] = 3
+        prob_cols = {}
+    else:
+        header = [c.lower() for c in first]
+        if "x" not in header or "y" not in header:
+            raise DenucError(f"{path}: the header must name columns x and y (found: {','.join(first)})")
+        cols = {"x": header.index("x"), "y": header.index("y")}
+        for alias in CLASS_COLUMNS:
+            if alias in header:
+                cols["class"] = header.index(alias)
+                break
+        if "score" in header:
+            cols["score"] = header.index("score")
+        prob_cols = {first[j][5:]: j for j, h in enumerate(header) if h.startswith("prob_")}
+        rows = rows[1:]
+
+    xy, labels, scores, probs = [], [], [], []
+    for lineno, r in rows:
+        r = [c.strip() for c in r]
+        try:
+            x, y = float(r[cols["x"]]), float(r[cols["y"]])
+            if not np.isfinite([x, y]).all():
+                raise ValueError("coordinate is not finite")
+            label = r[cols["class"]] if "class" in cols else None
+            if label == "":
+                raise ValueError("empty class")
+            score = float(r[cols["score"]]) if "score" in cols and r[cols["score"]] != "" else 1.0
+            pr = {name: float(r[j]) for name, j in prob_cols.items()}
+        except (ValueError, IndexError) as exc:
+            raise DenucError(f"{path}, line {lineno}: malformed row {','.join(r)!r} ({exc}); fix or delete it") from None
+        xy.append((x, y))
+        labels.append(label)
+        scores.append(score)
+        probs.append(pr)
+
+    if "class" not in cols:
+        names = tuple(class_names) if class_names is not None else ("nucleus",)
+        if len(names) != 1:
+            raise DenucError(f"{path} has no class column but {len(names)} classes are expected; add a class column")
+        ids = [0] * len(xy)
+    elif labels and all(lab.lstrip("+").isdigit() for lab in labels):
+        ints = [int(lab) for lab in labels]
+        names = tuple(class_names) if class_names is not None else tuple(str(k) for k in range(1, max(ints) + 1))
+        bad = sorted({k for k in ints if not 1 <= k <= len(names)})
+        if bad:
+            raise DenucError(
+                f"{path}: class id(s) {', '.join(map(str, bad))} out of range 1..{len(names)} "
+                f"(ids are 1-based into {', '.join(names)})"
+            )
+        ids = [k - 1 for k in ints]
+    else:
+        if class_names is None:
+            names = tuple(dict.fromkeys(labels)) or ("nucleus",)
+        else:
+            names = tuple(class_names)
+            unknown = sorted(set(labels) - set(names))
+            if unknown:
+                raise DenucError(
+                    f"{path}: class(es) {', '.join(map(repr, unknown))} not among the expected classes {', '.join(names)}"
+                )
+        index = {n: k for k, n in enumerate(names)}
+        ids = [index[lab] for lab in labels]
+
+    prob_arr = None
+    if prob_cols and set(names) <= set(prob_cols):
+        prob_arr = np.array([[p[n] for n in names] for p in probs], dtype=np.float32).reshape(len(xy), len(names))
+    return Detections(
+        xy=np.asarray(xy, dtype=np.float64).reshape(-1, 2),
+        scores=np.asarray(scores, dtype=np.float32),
+        class_ids=np.asarray(ids, dtype=np.int64),
+        class_names=names,
+        probs=prob_arr,
+    )

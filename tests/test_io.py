@@ -1,0 +1,297 @@
+"""GeoJSON / CSV point files and atomic writes."""
+
+import gzip
+import json
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from napari_denuc.errors import DenucError
+from napari_denuc.io import atomic
+from napari_denuc.io.atomic import atomic_write
+from napari_denuc.io.csv import read_csv, write_csv
+from napari_denuc.io.geojson import geojson_dict, read_geojson, write_geojson
+from napari_denuc.io.points import read_points, write_points
+from napari_denuc.results import Detections
+
+
+@pytest.fixture
+def det():
+    return Detections(
+        xy=[[10.0, 20.0], [30.25, 40.5], [0.0, 0.0]],
+        scores=[0.9, 0.5, 0.25],
+        class_ids=[0, 1, 1],
+        class_names=("tumor", "lymphocyte"),
+        class_colors=((200, 0, 0), (0, 0, 200)),
+        probs=[[0.8, 0.2], [0.3, 0.7], [0.1, 0.9]],
+    )
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def assert_same(a, b):
+    np.testing.assert_allclose(a.xy, b.xy, atol=1e-3)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    assert a.class_ids.tolist() == b.class_ids.tolist()
+    assert a.class_names == b.class_names
+    if a.probs is None:
+        assert b.probs is None
+    else:
+        np.testing.assert_allclose(a.probs, b.probs, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- GeoJSON
+
+
+def test_geojson_layout_is_what_qupath_reads(det):
+    d = geojson_dict(det)
+    assert d["type"] == "FeatureCollection" and len(d["features"]) == 3
+    f = d["features"][1]
+    uuid.UUID(f["id"])
+    assert f["geometry"] == {"type": "Point", "coordinates": [30.75, 41.0]}  # QuPath pixel centres at +0.5
+    assert f["properties"]["objectType"] == "detection"
+    assert f["properties"]["classification"] == {"name": "lymphocyte", "color": [0, 0, 200]}
+    assert f["properties"]["measurements"] == pytest.approx({"score": 0.5, "prob tumor": 0.3, "prob lymphocyte": 0.7})
+    assert len({g["id"] for g in d["features"]}) == 3
+
+
+def test_geojson_round_trip(tmp_path, det):
+    path = write_geojson(tmp_path / "out" / "a.geojson", det)
+    back = read_geojson(path)
+    assert_same(det, back)
+    assert back.class_colors == det.class_colors
+    # Fixed class order, including a class without points.
+    back = read_geojson(path, class_names=("other", "lymphocyte", "tumor"))
+    assert back.class_names == ("other", "lymphocyte", "tumor")
+    assert back.class_ids.tolist() == [2, 1, 1]
+    assert back.probs is None  # no "prob other" measurement
+
+
+def test_geojson_without_probs(tmp_path, det):
+    det.probs = None
+    back = read_geojson(write_geojson(tmp_path / "a.geojson", det))
+    assert_same(det, back)
+
+
+def test_geojson_gz(tmp_path, det):
+    path = write_geojson(tmp_path / "a.geojson.gz", det)
+    assert json.loads(gzip.decompress(path.read_bytes()))["type"] == "FeatureCollection"
+    assert_same(det, read_points(path))
+    # gzip=True with a plain suffix: still readable (the reader sniffs the gzip header).
+    path = write_geojson(tmp_path / "b.geojson", det, gzip=True)
+    assert_same(det, read_geojson(path))
+
+
+def test_qupath_points_annotations(tmp_path):
+    # QuPath 0.4 "Points" tool export: one MultiPoint annotation per class.
+    obj = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "0d4b3a3e-6a55-4c45-9d7d-8f7a3b0c1e11",
+                "geometry": {"type": "MultiPoint", "coordinates": [[10.5, 20.5], [30.5, 40.5]]},
+                "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+            },
+            {
+                "type": "Feature",
+                "id": "6f1e2f53-1f7c-4c1e-8d0a-2b9e3d4c5a66",
+                "geometry": {"type": "MultiPoint", "coordinates": [[5.5, 5.5]]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Lymphocyte", "color": [160, 90, 160]},
+                    "isLocked": False,
+                },
+            },
+        ],
+    }
+    d = read_geojson(write_json(tmp_path / "points.geojson", obj))
+    assert d.class_names == ("Tumor", "Lymphocyte")
+    assert d.class_colors == ((200, 0, 0), (160, 90, 160))
+    np.testing.assert_allclose(d.xy, [[10, 20], [30, 40], [5, 5]])
+    assert d.class_ids.tolist() == [0, 0, 1]
+    assert d.scores.tolist() == [1.0, 1.0, 1.0] and d.probs is None
+
+
+def test_bare_array_string_classification_and_unclassified(tmp_path):
+    obj = [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1.5, 2.5]}, "properties": {"classification": "Tumor"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3.5, 4.5]}, "properties": {}},
+        # QuPath 0.2: packed colour and a measurement list
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [5.5, 6.5]},
+            "properties": {
+                "classification": {"name": "Stroma", "colorRGB": -3670016},
+                "measurements": [{"name": "score", "value": 0.25}],
+            },
+        },
+    ]
+    d = read_geojson(write_json(tmp_path / "a.json", obj))
+    assert d.class_names == ("Tumor", "Unclassified", "Stroma")
+    assert d.class_colors[2] == (200, 0, 0)
+    np.testing.assert_allclose(d.xy, [[1, 2], [3, 4], [5, 6]])
+    assert d.scores.tolist() == [1.0, 1.0, 0.25]
+
+
+def test_single_unclassified_feature(tmp_path):
+    obj = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1.5, 1.5]}, "properties": None}
+    d = read_geojson(write_json(tmp_path / "a.geojson", obj))
+    assert d.class_names == ("nucleus",) and len(d) == 1
+
+
+def test_polygons_become_centroids(tmp_path):
+    square = [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
+    triangle = [[0, 0], [6, 0], [0, 6], [0, 0]]
+    hole = [[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]  # removes the lower-left quarter of an 4x4 square
+    feats = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [triangle[::-1]]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square, hole]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[square], [[[p[0] + 8, p[1]] for p in square]]]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "properties": {}},
+    ]
+    with pytest.warns(UserWarning, match="skipped 1"):
+        d = read_geojson(write_json(tmp_path / "a.geojson", {"type": "FeatureCollection", "features": feats}))
+    # (12*2 - 4*1) / 12 = 5/3 for the square with a hole
+    expected = np.array([[2, 2], [2, 2], [7 / 3, 7 / 3], [6, 2]]) - 0.5
+    np.testing.assert_allclose(d.xy, expected, atol=1e-9)
+
+
+def test_unknown_classes_are_named(tmp_path, det):
+    path = write_geojson(tmp_path / "a.geojson", det)
+    with pytest.raises(DenucError, match="'lymphocyte'"):
+        read_geojson(path, class_names=("tumor", "stroma"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"a": 1}',
+        '{"type": "FeatureCollection", "features": [1, 2]}',
+        '{"type": "Feature", "geometry": {"type": "Point", "coordinates": "x"}}',
+        '{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {"measurements": {"score": "high"}}}',
+        '{"type": "Feature", "geometry": {"type": "Point", "coordinates": [NaN, 2]}}',
+    ],
+)
+def test_malformed_geojson(tmp_path, content):
+    path = tmp_path / "bad.geojson"
+    path.write_text(content)
+    with pytest.raises(DenucError) as e:
+        read_geojson(path)
+    assert "\n" not in str(e.value) and "bad.geojson" in str(e.value)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(DenucError, match="not found"):
+        read_points(tmp_path / "nope.geojson")
+    (tmp_path / "bad.geojson.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(DenucError):
+        read_points(tmp_path / "bad.geojson.gz")
+    with pytest.raises(DenucError, match="unknown point file type"):
+        read_points(tmp_path / "points.xlsx")
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def test_csv_round_trip(tmp_path, det):
+    path = write_points(tmp_path / "a.csv", det)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "x,y,class,score,prob_tumor,prob_lymphocyte"
+    assert lines[1].startswith("10.000,20.000,tumor,0.9,")
+    assert_same(det, read_points(path))
+    det.probs = None
+    assert read_csv(write_csv(tmp_path / "b.csv", det)).probs is None
+
+
+def test_csv_class_ids_are_one_based(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("x,y,class\n1,2,2\n3,4,1\n")
+    d = read_csv(path, class_names=("tumor", "lymphocyte"))
+    assert d.class_names == ("tumor", "lymphocyte") and d.class_ids.tolist() == [1, 0]
+    d = read_csv(path)
+    assert d.class_names == ("1", "2") and d.class_ids.tolist() == [1, 0]
+    path.write_text("x,y,class\n1,2,3\n")
+    with pytest.raises(DenucError, match="out of range"):
+        read_csv(path, class_names=("tumor", "lymphocyte"))
+
+
+def test_csv_variants(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("X,Y\n1.5,2\n\n3,4\n")  # only coordinates, blank line
+    d = read_csv(path)
+    assert d.class_names == ("nucleus",) and d.scores.tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(d.xy, [[1.5, 2], [3, 4]])
+    path.write_text("10,20,2\n30,40,1\n")  # no header (OCELOT style)
+    d = read_csv(path, class_names=("background", "tumor"))
+    assert d.class_ids.tolist() == [1, 0]
+    path.write_text("x,y,label\n1,2,b\n3,4,a\n")
+    assert read_csv(path).class_names == ("b", "a")
+    with pytest.raises(DenucError, match="'b'"):
+        read_csv(path, class_names=("a", "c2"))
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [("x,y\n1,2\n3\n", 3), ("x,y,class\n1,2,a\nfoo,2,a\n", 3), ("x,y,score\n1,2,high\n", 2), ("x,y\n1,inf\n", 2)],
+)
+def test_csv_malformed_row_names_line(tmp_path, content, line):
+    path = tmp_path / "a.csv"
+    path.write_text(content)
+    with pytest.raises(DenucError, match=f"line {line}"):
+        read_csv(path)
+
+
+def test_csv_bad_header_and_empty(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("row,col\n1,2\n")
+    with pytest.raises(DenucError, match="x and y"):
+        read_csv(path)
+    path.write_text("")
+    with pytest.raises(DenucError, match="empty"):
+        read_csv(path)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_creates_and_replaces(tmp_path):
+    path = tmp_path / "sub" / "dir" / "f.txt"
+    atomic_write(path, "old")
+    atomic_write(path, b"new")
+    assert path.read_text() == "new"
+    assert os.listdir(path.parent) == ["f.txt"]
+
+
+def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
+    path = tmp_path / "f.txt"
+    atomic_write(path, "old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, "new content")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["f.txt"]
+    monkeypatch.undo()
+    with pytest.raises(TypeError):
+        atomic_write(path, 123)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_write_geojson_is_atomic(tmp_path, det, monkeypatch):
+    path = write_geojson(tmp_path / "a.geojson", det)
+    before = path.read_bytes()
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        write_geojson(path, Detections(np.zeros((0, 2)), [], []))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.geojson"]
