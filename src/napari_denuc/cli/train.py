@@ -33,6 +33,7 @@ def build_parser():
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     d.add_argument("--max-images", type=int, default=0, help="use only this many training images (smoke tests)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--micro-batches", type=int, default=1, help="split each batch into this many forward passes (memory; or to mirror a torchrun run on one process)")
 
     h = sub.add_parser("head", help="train the linear head on frozen encoder features at nuclei")
     h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
@@ -62,6 +63,7 @@ def _detector(args) -> int:
         data=data, val=val, out=args.out, backbone=args.backbone, pretrained=args.pretrained, mpp=args.mpp,
         epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, crops_per_image=args.crops_per_image,
         lr=args.lr, eval_every=args.eval_every, threads=args.threads, max_images=args.max_images, seed=args.seed,
+        micro_batches=args.micro_batches,
     )
     best = train_detector(cfg)
     if "f1" in best and best["f1"] >= 0:

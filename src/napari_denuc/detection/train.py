@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = torch default
     max_images: int = 0  # for smoke tests: use only this many training images (0 = all)
+    micro_batches: int = 1  # split each process's share of a batch into this many forward passes
 
 
 def hungarian_targets(logits, xy, gt, cfg: TrainConfig):
@@ -192,7 +193,7 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
     rank, world = _dist_setup()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = load_training_data(cfg)
@@ -218,28 +219,36 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
 
-    steps = max(1, len(train) * cfg.crops_per_image // (cfg.batch_size * world))
+    # One step = one global batch of ``batch_size`` crops. Crop i of a step is drawn from its own
+    # random stream, so a rank (torchrun) or a micro-batch only makes the crops it uses, and
+    # 2 ranks x half a batch computes the same update as 1 process with 2 micro-batches.
+    if cfg.batch_size % (world * cfg.micro_batches):
+        raise DenucError(f"--batch-size {cfg.batch_size} must divide evenly over {world} process(es) x {cfg.micro_batches} micro-batch(es)")
+    steps = max(1, len(train) * cfg.crops_per_image // cfg.batch_size)
+    chunks = np.array_split(np.arange(cfg.batch_size), world * cfg.micro_batches)[rank * cfg.micro_batches : (rank + 1) * cfg.micro_batches]
     for epoch in range(start, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
         model.train()
-        order = rng.integers(0, len(train), size=(steps, cfg.batch_size))
+        picks = np.random.default_rng([cfg.seed, epoch]).integers(0, len(train), size=(steps, cfg.batch_size))
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank > 0, leave=False)
         losses = []
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, epoch + step / steps)
-            crops, gts = [], []
-            for idx in order[step]:
-                crop, pts = augment(*train[idx], cfg.crop, rng)
-                crops.append(crop)
-                gts.append(torch.as_tensor(pts, dtype=torch.float32, device=device))
-            x = model.normalize(torch.from_numpy(np.stack(crops)).to(device))
-            logits, xy = net(x)
-            loss, parts = detector_loss(logits, xy, gts, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for chunk in chunks:
+                crops, gts = [], []
+                for i in chunk:
+                    crop, pts = augment(*train[picks[step, i]], cfg.crop, np.random.default_rng([cfg.seed, epoch, step, i]))
+                    crops.append(crop)
+                    gts.append(torch.as_tensor(pts, dtype=torch.float32, device=device))
+                x = model.normalize(torch.from_numpy(np.stack(crops)).to(device))
+                logits, xy = net(x)
+                loss, _ = detector_loss(logits, xy, gts, cfg)
+                (loss / cfg.micro_batches).backward()
+                step_loss += loss.item() / cfg.micro_batches
             opt.step()
-            losses.append(loss.item())
+            losses.append(step_loss)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"]}
         if rank == 0 and val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
