@@ -1,0 +1,252 @@
+"""Whole-slide batch prediction: tiling, seams, resume, failures, Dask (tiny synthetic slides, fake detector)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tiffslide")
+pytest.importorskip("pyarrow")
+
+from napari_denuc.errors import DenucError  # noqa: E402
+from napari_denuc.wsi import expand_inputs, open_slide, predict_slides  # noqa: E402
+from napari_denuc.wsi.synthetic import BlobFactory, make_test_slide  # noqa: E402
+from napari_denuc.wsi.tiling import Tile, TilePlan  # noqa: E402
+
+TILE = dict(tile_size=128, overlap=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    gt_a = make_test_slide(d / "a.tif", 1024, seed=1)
+    gt_b = make_test_slide(d / "b.tif", (768, 640), seed=2)
+    make_test_slide(d / "nompp.tif", 512, mpp=None, seed=3)
+    return d, {"a": gt_a, "b": gt_b}
+
+
+def points(out: Path, stem: str) -> np.ndarray:
+    import pandas as pd
+
+    df = pd.read_parquet(out / f"{stem}.parquet")
+    return np.array(sorted(map(tuple, df[["x", "y"]].to_numpy())))
+
+
+def as_set(xy) -> set:
+    return {(round(float(x), 3), round(float(y), 3)) for x, y in xy}
+
+
+def test_synthetic_slide_reads_with_mpp(slides):
+    import tiffslide
+
+    d, _ = slides
+    with tiffslide.TiffSlide(str(d / "a.tif")) as s:
+        assert float(s.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
+        assert s.level_dimensions == ((1024, 1024), (512, 512), (256, 256))
+    src = open_slide(d / "a.tif")
+    assert src.reader == "tiffslide" and src.mpp == pytest.approx(0.5)
+    tile = src.read_level(0, -10, -10, 40, 40)  # outside the slide: white
+    assert tile.shape == (40, 40, 3) and (tile[:10, :10] == 255).all()
+    assert open_slide(d / "nompp.tif").mpp is None
+
+
+def test_expand_inputs(slides, tmp_path):
+    d, _ = slides
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,mpp\n{d / 'a.tif'},0.25\n{os.path.relpath(d / 'b.tif', tmp_path)},\n")
+    items = expand_inputs([str(lst)], mpp=0.5)
+    assert items == [(d / "a.tif", 0.25), (Path(tmp_path) / os.path.relpath(d / "b.tif", tmp_path), 0.5)]
+    assert [p.name for p, _ in expand_inputs([str(d)])] == ["a.tif", "b.tif", "nompp.tif"]
+    assert [p.name for p, _ in expand_inputs([str(d / "[ab].tif"), str(d / "a.tif")])] == ["a.tif", "b.tif"]
+    with pytest.raises(DenucError, match="not found"):
+        expand_inputs([str(d / "missing.svs")])
+    with pytest.raises(DenucError, match="matches no"):
+        expand_inputs([str(d / "*.ndpi")])
+
+
+def test_ownership_partitions_points():
+    plan = TilePlan(0, 1.0, (300, 200), 0.5, 128, 16)
+    tiles = [Tile(0, 0, 0, 128, 128), Tile(1, 128, 0, 128, 128), Tile(2, 256, 0, 44, 128), Tile(3, 0, 128, 300, 72)]
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.uniform(-3, 303, (2000, 2)) * [1, 205 / 306], [[127.5, 10], [127.49, 10], [-0.6, -0.6], [299.9, 199.9]]])
+    owners = np.stack([plan.owned(t, xy) for t in tiles]).sum(0)
+    assert (owners == 1).all()
+
+
+def test_predict_exact_no_seam_duplicates(slides, tmp_path):
+    d, gt = slides
+    r = predict_slides([d / "a.tif", d / "b.tif"], tmp_path, BlobFactory(), **TILE)
+    assert r.ok and r.exit_code == 0, [s.error for s in r.slides]
+    for stem in "ab":
+        got = points(tmp_path, stem)
+        assert len(got) == len(gt[stem]) == len(as_set(got))  # no duplicates at seams
+        assert as_set(got) == as_set(gt[stem])  # every nucleus, in level-0 pixels
+        s = json.loads((tmp_path / f"{stem}.summary.json").read_text())
+        assert s["n_nuclei"] == len(got) and sum(s["counts"].values()) == len(got)
+        assert s["n_tiles_background"] > 0 and s["n_tiles_tissue"] + s["n_tiles_background"] == s["n_tiles"]
+        assert s["mpp"] == pytest.approx(0.5) and s["level"] == 0 and set(s["timings_s"]) >= {"plan", "tiles", "total"}
+        assert (tmp_path / f"{stem}.geojson").is_file() and (tmp_path / f"{stem}.csv").is_file()
+        assert not (tmp_path / f".{stem}.tiles").exists()  # cleaned up after success
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "a.parquet")
+    assert list(df.columns) == ["x", "y", "class", "score", "prob_tumour", "prob_other"]
+    from napari_denuc.io.csv import read_csv
+    from napari_denuc.io.geojson import read_geojson
+
+    assert as_set(read_geojson(tmp_path / "a.geojson").xy) == as_set(gt["a"])
+    assert len(read_csv(tmp_path / "a.csv")) == len(gt["a"])
+    # a second run finds everything up to date
+    r2 = predict_slides([d / "a.tif"], tmp_path, BlobFactory(), **TILE)
+    assert r2.ok and r2.slides[0].status == "up-to-date"
+
+
+def test_coarser_level_and_gzip(slides, tmp_path):
+    d, gt = slides
+    r = predict_slides([(d / "a.tif", None)], tmp_path, BlobFactory(target_mpp=1.0, threshold=150), gzip=True, formats=("geojson", "parquet"), **TILE)
+    assert r.ok, r.slides[0].error
+    s = r.slides[0].summary
+    assert s["level"] == 1 and s["level_mpp"] == pytest.approx(1.0)
+    assert (tmp_path / "a.geojson.gz").is_file() and not (tmp_path / "a.csv").exists()
+    got = points(tmp_path, "a")
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(got).query(gt["a"])
+    assert len(got) == len(gt["a"]) and dist.max() < 1.5  # level-1 positions mapped back to level 0
+
+
+def test_missing_mpp_and_bad_slides_are_reported(slides, tmp_path):
+    d, _ = slides
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + os.urandom(2000))
+    r = predict_slides([d / "nompp.tif", bad, d / "b.tif"], tmp_path / "out", BlobFactory(), **TILE)
+    status = {s.stem: s for s in r.slides}
+    assert not r.ok and r.exit_code == 1 and len(r.failed) == 2
+    assert status["nompp"].status == "failed" and "--mpp" in status["nompp"].error
+    assert status["broken"].status == "failed" and "broken.svs" in status["broken"].error
+    assert status["b"].status == "done" and (tmp_path / "out" / "b.parquet").is_file()
+    # the mpp given (e.g. --mpp) makes the resolution-less slide work
+    r = predict_slides([d / "nompp.tif"], tmp_path / "out", BlobFactory(), mpp=0.5, **TILE)
+    assert r.ok and r.slides[0].summary["mpp_source"] == "given"
+
+
+def test_corrupt_tile_fails_that_slide_only(slides, tmp_path):
+    import tifffile
+
+    d, _ = slides
+    path = tmp_path / "torn.tif"
+    make_test_slide(path, 1024, seed=1)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        k = len(page.dataoffsets) // 2 + 1  # a level-0 tile in the tissue
+        off, n = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * n)
+    r = predict_slides([path, d / "b.tif"], tmp_path, BlobFactory(), tile_size=256, overlap=16, progress=False)
+    assert [s.status for s in r.slides] == ["failed", "done"]
+    assert "tile" in r.slides[0].error and not (tmp_path / "torn.parquet").exists()
+
+
+def test_resume_after_interrupt(slides, tmp_path):
+    d, _ = slides
+    ref = tmp_path / "ref"
+    assert predict_slides([d / "a.tif"], ref, BlobFactory(), **TILE).ok
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop_after(n):
+        def hook(stem, index, count):
+            if count >= n:
+                raise Stop
+
+        return hook
+
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        predict_slides([d / "a.tif"], out, BlobFactory(), on_tile=stop_after(10), **TILE)
+    assert len(list((out / ".a.tiles").glob("tile_*.npz"))) == 10 and not (out / "a.parquet").exists()
+    # a different config doesn't reuse the stale tiles
+    with pytest.raises(Stop):
+        predict_slides([d / "a.tif"], out, BlobFactory(threshold=141), on_tile=stop_after(3), **TILE)
+    assert len(list((out / ".a.tiles").glob("tile_*.npz"))) == 3
+    with pytest.raises(Stop):
+        predict_slides([d / "a.tif"], out, BlobFactory(), on_tile=stop_after(7), **TILE)
+    r = predict_slides([d / "a.tif"], out, BlobFactory(), **TILE)
+    s = r.slides[0].summary
+    assert r.ok and s["n_tiles_reused"] == 7 and s["n_tiles_computed"] == s["n_tiles_tissue"] - 7
+    assert np.array_equal(points(out, "a"), points(ref, "a"))
+
+
+def test_resume_after_kill(slides, tmp_path):
+    """SIGKILL a real run part-way, start it again: same points as an uninterrupted run."""
+    d, _ = slides
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        from napari_denuc.wsi import predict_slides
+        from napari_denuc.wsi.synthetic import BlobFactory
+        predict_slides([{str(d / 'a.tif')!r}], {str(out)!r}, BlobFactory(delay=0.1), tile_size=128, overlap=16, progress=False)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    tiles = out / ".a.tiles"
+    t0 = time.time()
+    try:
+        while len(list(tiles.glob("tile_*.npz"))) < 8:
+            assert proc.poll() is None and time.time() - t0 < 30, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n_done = len(list(tiles.glob("tile_*.npz")))
+    assert not (out / "a.parquet").exists()
+    r = predict_slides([d / "a.tif"], out, BlobFactory(), **TILE)
+    assert r.ok and r.slides[0].summary["n_tiles_reused"] == n_done >= 8
+    ref = predict_slides([d / "a.tif"], tmp_path / "ref", BlobFactory(), **TILE)
+    assert ref.ok and np.array_equal(points(out, "a"), points(tmp_path / "ref", "a"))
+
+
+def test_plain_image_input(slides, tmp_path):
+    from PIL import Image
+
+    d, gt = slides
+    src = open_slide(d / "b.tif")
+    w, h = src.dimensions
+    Image.fromarray(src.read_level(0, 0, 0, w, h)).save(tmp_path / "plain.png")
+    r = predict_slides([tmp_path / "plain.png"], tmp_path / "out", BlobFactory(), mpp=0.5, **TILE)
+    assert r.ok and r.slides[0].summary["reader"] == "image"
+    assert as_set(points(tmp_path / "out", "plain")) == as_set(gt["b"])
+
+
+def test_dask_local_cluster_matches_single_process(slides, tmp_path):
+    pytest.importorskip("distributed")
+    from napari_denuc.wsi import make_client
+
+    d, _ = slides
+    inputs = [d / "a.tif", d / "nompp.tif", d / "b.tif"]
+    local = predict_slides(inputs, tmp_path / "local", BlobFactory(), **TILE)
+    client, cluster = make_client(None, n_workers=2)
+    try:
+        assert len(client.nthreads()) == 2 and set(client.nthreads().values()) == {1}
+        dist = predict_slides(inputs, tmp_path / "dask", BlobFactory(), client=client, tiles_in_flight=3, **TILE)
+    finally:
+        client.close()
+        cluster.close()
+    assert [s.status for s in dist.slides] == [s.status for s in local.slides] == ["done", "failed", "done"]
+    assert "--mpp" in dist.slides[1].error
+    for stem in "ab":
+        assert np.array_equal(points(tmp_path / "dask", stem), points(tmp_path / "local", stem))
+        sd = json.loads((tmp_path / "dask" / f"{stem}.summary.json").read_text())
+        sl = json.loads((tmp_path / "local" / f"{stem}.summary.json").read_text())
+        assert sd["counts"] == sl["counts"] and sd["config_hash"] == sl["config_hash"]
