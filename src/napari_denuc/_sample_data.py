@@ -16,5 +16,5 @@ def make_sample_data():
     from .io.images import read_image
 
     image, _ = read_image(SAMPLE_IMAGE)
-    meta = {"mpp": SAMPLE_MPP, "path": str(SAMPLE_IMAGE), "source": "BRCA-M2C (Abousamra et al., ICCV 2021), BSD-3"}
+    meta = {"mpp": SAMPLE_MPP, "sample": True, "path": str(SAMPLE_IMAGE), "source": "BRCA-M2C (Abousamra et al., ICCV 2021), BSD-3"}
     return [(image, {"name": "BRCA-M2C sample", "rgb": True, "metadata": meta}, "image")]

@@ -1,0 +1,140 @@
+"""Where the widget keeps the user's work: corrections autosave and versioned heads. No Qt.
+
+Corrections of one image live in ``<image file>.denuc.json`` next to the image when the image
+has a path in a writable folder, otherwise (or when a project folder is chosen) in
+``<project>/corrections/<image name>-<key>.denuc.json``. The file records the image's content
+key, so corrections are restored only onto the same pixels. Every write is atomic.
+
+Retrained heads never overwrite an existing file: ``<project>/heads/head-<encoder>-vNNN.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io.atomic import atomic_write
+
+FORMAT = "napari-denuc corrections"
+VERSION = 1
+_HASH_LIMIT = 256 * 2**20  # hash all pixels up to 256 MB; beyond, a strided sample + shape
+
+
+def default_home() -> Path:
+    """The folder for work that has no better place: ``$DENUC_HOME`` or ``~/.napari-denuc``."""
+    return Path(os.environ.get("DENUC_HOME") or Path.home() / ".napari-denuc")
+
+
+def image_key(image) -> str:
+    """A short content hash of an image array (the same pixels give the same key)."""
+    a = np.asarray(image)
+    h = hashlib.sha1(f"{a.shape}|{a.dtype}".encode())
+    if a.nbytes > _HASH_LIMIT:
+        step = int(np.ceil((a.nbytes / _HASH_LIMIT) ** 0.5))
+        a = a[::step, ::step]
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _writable(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "image"
+
+
+def corrections_path(image_name: str, key: str, image_path=None, project_dir=None) -> Path:
+    if project_dir is None and image_path is not None:
+        p = Path(image_path)
+        if _writable(p.parent):
+            return p.with_name(p.name + ".denuc.json")
+    base = Path(project_dir) if project_dir is not None else default_home()
+    return base / "corrections" / f"{_safe(image_name)}-{key}.denuc.json"
+
+
+def heads_dir(project_dir=None) -> Path:
+    return (Path(project_dir) if project_dir is not None else default_home()) / "heads"
+
+
+def next_head_path(folder, encoder_id: str) -> Path:
+    """A new, unused head file name: ``head-<encoder>-vNNN.safetensors`` (never an existing one)."""
+    folder = Path(folder)
+    stem = f"head-{_safe(encoder_id or 'encoder')}-v"
+    taken = [int(m.group(1)) for p in folder.glob(f"{stem}*.safetensors") if (m := re.search(r"-v(\d+)\.safetensors$", p.name))]
+    n = max(taken, default=0) + 1
+    while (folder / f"{stem}{n:03d}.safetensors").exists():
+        n += 1
+    return folder / f"{stem}{n:03d}.safetensors"
+
+
+def corrections_state(xy, features: pd.DataFrame, class_names, class_colors, key: str, extra=None) -> dict:
+    """A JSON-able record of a points layer (library ``(x, y)`` coordinates)."""
+    names = list(class_names)
+    cls = features["class"].astype(str).tolist() if "class" in features else [names[0]] * len(xy)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "image_key": key,
+        "class_names": names,
+        "class_colors": [list(map(int, c)) for c in class_colors],
+        "xy": np.round(np.asarray(xy, dtype=np.float64), 3).tolist(),
+        "class": cls,
+        "score": np.round(np.nan_to_num(np.asarray(features["score"], dtype=np.float64), nan=1.0), 5).tolist()
+        if "score" in features
+        else [1.0] * len(xy),
+        "source": features["source"].astype(str).tolist() if "source" in features else ["model"] * len(xy),
+        "reviewed": np.asarray(features["reviewed"], dtype=bool).tolist() if "reviewed" in features else [False] * len(xy),
+    }
+    pcols = [f"prob_{n}" for n in names]
+    if len(xy) and all(c in features for c in pcols):
+        p = np.asarray(features[pcols], dtype=np.float64)
+        state["probs"] = [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in p]
+    state.update(extra or {})
+    return state
+
+
+def save_corrections(path, state: dict) -> Path:
+    return atomic_write(path, json.dumps(state, separators=(",", ":")))
+
+
+def load_corrections(path, key: str | None = None) -> dict | None:
+    """The saved state at ``path``, or None when there is none or it belongs to other pixels."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if state.get("format") != FORMAT or (key is not None and state.get("image_key") != key):
+        return None
+    return state
+
+
+def state_to_detections_and_flags(state: dict):
+    """(Detections, source array, reviewed array) from a saved state."""
+    from ..results import Detections
+
+    names = tuple(state["class_names"])
+    lookup = {n: k for k, n in enumerate(names)}
+    n = len(state["xy"])
+    probs = None
+    if state.get("probs") is not None and n:
+        probs = np.array([[np.nan if v is None else v for v in row] for row in state["probs"]], dtype=np.float32)
+    det = Detections(
+        np.asarray(state["xy"], dtype=np.float64).reshape(-1, 2),
+        np.asarray(state["score"], dtype=np.float32),
+        np.array([lookup.get(c, 0) for c in state["class"]], dtype=np.int64),
+        names,
+        tuple(tuple(c) for c in state.get("class_colors") or ()),
+        None,
+    )
+    det.probs = probs  # may hold NaN for hand-added nuclei; the layer keeps them as NaN
+    return det, np.asarray(state["source"], dtype=object), np.asarray(state["reviewed"], dtype=bool)
