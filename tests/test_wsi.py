@@ -136,7 +136,10 @@ def test_missing_mpp_and_bad_slides_are_reported(slides, tmp_path):
     assert status["b"].status == "done" and (tmp_path / "out" / "b.parquet").is_file()
     # the mpp given (e.g. --mpp) makes the resolution-less slide work
     r = predict_slides([d / "nompp.tif"], tmp_path / "out", BlobFactory(), mpp=0.5, **TILE)
-    assert r.ok and r.slides[0].summary["mpp_source"] == "given"
+    assert r.ok and r.slides[0].summary["mpp_source"] == "--mpp"
+    # --mpp doesn't override a file's own resolution; a per-input mpp (CSV column) does
+    r = predict_slides([d / "b.tif", (d / "a.tif", 0.25)], tmp_path / "out2", BlobFactory(), mpp=1.0, **TILE)
+    assert [(s.summary["mpp_source"], s.summary["mpp"]) for s in r.slides] == [("metadata", 0.5), ("input", 0.25)]
 
 
 def test_corrupt_tile_fails_that_slide_only(slides, tmp_path):

@@ -175,12 +175,12 @@ def _forget_source(path) -> None:
             pass
 
 
-def compute_plan(path, mpp, target_mpp, tile_size, overlap, use_mask, mask_params) -> dict:
+def compute_plan(path, mpp, fallback_mpp, target_mpp, tile_size, overlap, use_mask, mask_params) -> dict:
     """Open the slide, resolve its mpp, mask the tissue and cut tiles. Small, picklable result."""
     t0 = time.perf_counter()
     try:
         src = _source(path)
-        slide_mpp, mpp_source = resolve_mpp(src, mpp)
+        slide_mpp, mpp_source = resolve_mpp(src, mpp, fallback_mpp)
     except DenucError as exc:  # returned, not raised: an expected user error is no worker crash
         return {"error": str(exc)}
     mask, mask_ds = (None, 1.0)
@@ -262,6 +262,7 @@ class BatchResult:
 class _Job:
     result: SlideResult
     mpp: float | None
+    fallback_mpp: float | None
     run_config: dict
     key: str
     paths: dict
@@ -295,10 +296,21 @@ def _slide_identity(path: Path) -> dict:
 
 
 def _normalize_inputs(inputs, mpp):
+    """Paths/folders/globs/CSV lists are expanded; ``(path, mpp or None)`` pairs are taken as they are.
+
+    The mpp in each pair is the input's own (it overrides the file's metadata); ``mpp`` (``--mpp``)
+    stays separate: it is used only for files that state no resolution.
+    """
     items = list(inputs) if not isinstance(inputs, (str, os.PathLike)) else [inputs]
-    if items and all(isinstance(i, tuple) and len(i) == 2 for i in items):
-        return [(Path(p), m if m is not None else mpp) for p, m in items]
-    return expand_inputs(items, mpp)
+    out, seen = [], set()
+    for i in items:
+        pairs = [(Path(i[0]), i[1])] if isinstance(i, tuple) else expand_inputs([i])
+        for p, m in pairs:
+            key = os.path.abspath(p)
+            if key not in seen:
+                seen.add(key)
+                out.append((p, m))
+    return out
 
 
 def _bar(progress, **kw):
@@ -337,7 +349,8 @@ def predict_slides(
 
     inputs: paths/folders/globs/CSV lists (see ``expand_inputs``) or ``[(path, mpp or None), ...]``.
     factory: picklable; ``factory()`` -> ``process_tile(tile, mpp) -> Detections`` (e.g. ``PipelineFactory``).
-    mpp: level-0 mpp for inputs whose files state none (a per-input mpp from a CSV wins).
+    mpp: level-0 mpp for inputs whose files state none (``--mpp``); a per-input mpp (CSV column,
+        or the second item of a pair) overrides the file's metadata.
     target_mpp: resolution to tile at (default ``factory.target_mpp`` or the detector's mpp).
     tile_size, overlap: core tile size and overlap on each side, in pixels of the level read.
     tissue: skip background tiles using the tissue mask.
@@ -383,6 +396,7 @@ def predict_slides(
                 "factory": fconf,
                 "slide": _slide_identity(Path(path)),
                 "mpp": slide_mpp,
+                "fallback_mpp": mpp,
                 "target_mpp": target_mpp,
                 "tile_size": int(tile_size),
                 "overlap": int(overlap),
@@ -393,6 +407,7 @@ def predict_slides(
                 _Job(
                     SlideResult(Path(path), stem),
                     slide_mpp,
+                    mpp,
                     run_config,
                     config_hash(run_config),
                     output_paths(out_dir, stem, formats, gzip),
@@ -471,7 +486,7 @@ class _Ctx:
     committed: int = 0
 
     def plan_args(self, job: _Job):
-        return (str(job.result.path), job.mpp, self.target_mpp, self.tile_size, self.overlap, self.tissue, self.mask_params)
+        return (str(job.result.path), job.mpp, job.fallback_mpp, self.target_mpp, self.tile_size, self.overlap, self.tissue, self.mask_params)
 
 
 def _fail(job: _Job, exc: BaseException) -> None:
@@ -480,7 +495,7 @@ def _fail(job: _Job, exc: BaseException) -> None:
     job.result.error = msg.splitlines()[0] if msg else type(exc).__name__
     if str(job.result.path) not in job.result.error:
         job.result.error = f"{job.result.path}: {job.result.error}"
-    log.warning("%s", job.result.error)
+    log.info("failed: %s", job.result.error)
     if job.bar is not None:
         job.bar.close()
         job.bar = None

@@ -71,7 +71,9 @@ def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | No
     - a pattern with ``*``, ``?`` or ``[`` is globbed (``**`` recurses), sorted;
     - a ``.csv`` file is a list of ``path[,mpp]`` rows (header ``path,mpp`` optional; relative
       paths are relative to the CSV's folder);
-    - ``mpp`` (e.g. from ``--mpp``) applies to every input that has none from a CSV.
+    - ``mpp`` fills the inputs that have none from a CSV (it then counts as the input's own mpp,
+      overriding the file's metadata; to use a value only for files that state none, pass it
+      as ``predict_slides(..., mpp=...)`` instead).
     Duplicates are dropped (first one wins). Raises DenucError for a path that doesn't exist or a
     pattern/folder that matches nothing.
     """
@@ -271,15 +273,23 @@ def open_slide(path) -> SlideSource:
     raise DenucError(f"cannot read the slide {path} ({errors[0]})")
 
 
-def resolve_mpp(source: SlideSource, given: float | None) -> tuple[float, str]:
-    """The level-0 mpp to use and where it came from; DenucError asking for --mpp when unknown."""
-    if given is not None:
-        mpp = _valid_mpp(given)
-        if mpp is None:
-            raise DenucError(f"{source.path}: the mpp {given!r} is not a number between 0.01 and 100")
-        return mpp, "given"
-    if source.mpp is not None:
-        return source.mpp, "metadata"
+def resolve_mpp(source: SlideSource, given: float | None = None, fallback: float | None = None) -> tuple[float, str]:
+    """The level-0 mpp to use and where it came from: ``"input"``, ``"metadata"`` or ``"--mpp"``.
+
+    ``given`` (a per-input mpp, e.g. from a CSV list) overrides the file's metadata;
+    ``fallback`` (``--mpp``) is used only when the file states none. DenucError asking for
+    ``--mpp`` when neither is known.
+    """
+    for value, origin in ((given, "input"), (None, "metadata"), (fallback, "--mpp")):
+        if origin == "metadata":
+            if source.mpp is not None:
+                return source.mpp, origin
+            continue
+        if value is not None:
+            mpp = _valid_mpp(value)
+            if mpp is None:
+                raise DenucError(f"{source.path}: the mpp {value!r} is not a number between 0.01 and 100")
+            return mpp, origin
     raise DenucError(
         f"{source.path}: the file states no resolution; give it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x) "
         "or in an mpp column of the CSV list"
