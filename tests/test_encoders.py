@@ -226,3 +226,21 @@ def test_lite_encoder_dims_and_detector_neck():
     assert np.allclose(f[0, 144:], neck[:, 0, 0], atol=1e-4)
     with pytest.raises(DenucError):
         get_encoder("lite", weights="x.safetensors")
+
+
+def test_default_encoder_name_checks_the_local_cache_only(monkeypatch):
+    import huggingface_hub
+
+    from napari_denuc.encoders import default_encoder_name, weights_cached
+
+    seen = []
+
+    def fake_try(repo, filename, **kw):
+        seen.append((repo, filename))
+        return "/cache/model.safetensors" if repo == "MahmoodLab/UNI2-h" and filename == "model.safetensors" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake_try)
+    assert weights_cached("uni2-h") and default_encoder_name() == "uni2-h"
+    assert not weights_cached("virchow2") and default_encoder_name("virchow2") == "lite"
+    assert weights_cached("lite")
+    assert seen[0] == ("MahmoodLab/UNI2-h", "model.safetensors")

@@ -186,7 +186,7 @@ class LinearHead:
                     loss = objective(xt[idx], yt[idx])
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(idx)
+                    total += loss.item() * len(idx)
                 history.append(total / len(yt))
                 if progress:
                     progress(ep + 1, epochs)

@@ -4,6 +4,22 @@
 >>> feats = enc.features_at(image_rgb_uint8, xy, mpp)  # (N, enc.feature_dim) float32
 """
 
-from .registry import EncoderSpec, get_encoder, get_spec, list_encoders, register_encoder
+from .registry import (
+    EncoderSpec,
+    default_encoder_name,
+    get_encoder,
+    get_spec,
+    list_encoders,
+    register_encoder,
+    weights_cached,
+)
 
-__all__ = ["EncoderSpec", "get_encoder", "get_spec", "list_encoders", "register_encoder"]
+__all__ = [
+    "EncoderSpec",
+    "default_encoder_name",
+    "get_encoder",
+    "get_spec",
+    "list_encoders",
+    "register_encoder",
+    "weights_cached",
+]

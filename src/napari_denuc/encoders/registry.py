@@ -110,6 +110,32 @@ def get_encoder(
     return TimmEncoder.from_spec(spec, weights=weights, pretrained=pretrained, **options)
 
 
+def weights_cached(name: str) -> bool:
+    """True if the hub weights of registered encoder ``name`` are in the local Hugging Face
+    cache (a file-system check: no network)."""
+    spec = get_spec(name)
+    if not spec.hub:
+        return spec.factory is not None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    repo = spec.hub.split(":", 1)[1].split("@")[0]
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, filename)
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def default_encoder_name(preferred: str = "uni2-h") -> str:
+    """``preferred`` (UNI2-h) when its weights are already downloaded, else ``lite`` (offline)."""
+    try:
+        return preferred if weights_cached(preferred) else "lite"
+    except DenucError:
+        return "lite"
+
+
 def _lite_factory(spec, detector=None, weights=None, pretrained=True, **options):
     from .lite import LiteEncoder
 
