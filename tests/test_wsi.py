@@ -22,7 +22,10 @@ from napari_denuc.wsi import expand_inputs, open_slide, predict_slides  # noqa: 
 from napari_denuc.wsi.synthetic import BlobFactory, make_test_slide  # noqa: E402
 from napari_denuc.wsi.tiling import Tile, TilePlan  # noqa: E402
 
-TILE = dict(tile_size=128, overlap=16, progress=False)
+from napari_denuc.wsi.tiling import MaskParams  # noqa: E402
+
+# The test slides are tiny: mask them anyway (by default only inputs over 4096 px are masked).
+TILE = dict(tile_size=128, overlap=16, progress=False, mask_params=MaskParams(min_side_px=0))
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +201,10 @@ def test_resume_after_kill(slides, tmp_path):
     script = textwrap.dedent(
         f"""
         from napari_denuc.wsi import predict_slides
+        from napari_denuc.wsi.tiling import MaskParams
         from napari_denuc.wsi.synthetic import BlobFactory
-        predict_slides([{str(d / 'a.tif')!r}], {str(out)!r}, BlobFactory(delay=0.1), tile_size=128, overlap=16, progress=False)
+        predict_slides([{str(d / 'a.tif')!r}], {str(out)!r}, BlobFactory(delay=0.1), tile_size=128, overlap=16, progress=False,
+                       mask_params=MaskParams(min_side_px=0))
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script])

@@ -97,7 +97,7 @@ def prepare(samples, mpp: float):
     return out
 
 
-def evaluate_detector(model, val, radius_um: float, mpp: float, taus=None, nms_ums=(1.5, 2.0, 2.5, 3.0)):
+def evaluate_detector(model, val, radius_um: float, mpp: float, taus=None, nms_ums=(2.0, 3.0, 4.0, 5.0)):
     """Detection F1 on prepared val data for a grid of thresholds; returns the best and the table."""
     from ..metrics import PointScorer
 

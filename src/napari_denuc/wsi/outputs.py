@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..results import Detections
-from .store import atomic_write
+from ..io.atomic import atomic_write
 
 FORMATS = ("geojson", "csv", "parquet")
 

@@ -184,7 +184,9 @@ def compute_plan(path, mpp, fallback_mpp, target_mpp, tile_size, overlap, use_ma
     except DenucError as exc:  # returned, not raised: an expected user error is no worker crash
         return {"error": str(exc)}
     mask, mask_ds = (None, 1.0)
-    if use_mask:
+    # Tiles and small images are nearly always all tissue, and a mask at 8 um per pixel is too
+    # coarse to judge them (a pale all-tissue tile was masked out whole): mask slides only.
+    if use_mask and max(src.dimensions) > mask_params.min_side_px:
         mask, mask_ds = tissue_mask(src, slide_mpp, mask_params)
     plan = plan_tiles(src, slide_mpp, target_mpp, tile_size, overlap, mask, mask_ds)
     return {

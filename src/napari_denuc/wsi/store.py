@@ -12,42 +12,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write
 from ..results import Detections
 
 STORE_VERSION = 1
-
-
-def atomic_write(path, data) -> None:
-    """Write bytes or str to ``path`` atomically (the project's io.atomic when present)."""
-    try:
-        from ..io.atomic import atomic_write as _aw
-    except ImportError:
-        _aw = None
-    if _aw is not None:
-        _aw(path, data)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def config_hash(config: dict) -> str:

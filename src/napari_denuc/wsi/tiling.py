@@ -26,6 +26,7 @@ class MaskParams:
     dilate_um: float = 32.0  # grow tissue by this much so tissue edges aren't cut off
     min_threshold: float = 0.05  # the saturation threshold is Otsu's, clamped to this range
     max_threshold: float = 0.15
+    min_side_px: int = 4096  # inputs no larger than this (level 0) are processed whole, unmasked
 
 
 def thumbnail(source: SlideSource, max_size: int = 2048, min_downsample: float = 1.0) -> tuple[np.ndarray, float]:
