@@ -207,23 +207,23 @@ def test_lite_encoder_dims_and_detector_neck():
     from napari_denuc.detection.model import PointDetector
 
     lite = get_encoder("lite")
-    assert lite.id == "lite-v1" and lite.feature_dim == lite.filter_dim == 144 and lite.mpp == 0.5
+    assert lite.id == "lite-v1" and lite.feature_dim == lite.filter_dim == 176 and lite.mpp == 0.5
     torch.manual_seed(0)
     det = PointDetector("shufflenet_v2_x0_5")
     enc = get_encoder("lite", detector=det)
-    assert enc.feature_dim == 144 + det.neck_channels
+    assert enc.feature_dim == 176 + det.neck_channels
     assert enc.id.startswith("lite-v1+") and enc.id != lite.id
     img = (np.random.default_rng(2).random((96, 130, 3)) * 255).astype(np.uint8)
     xy = np.array([[3.5, 3.5], [60.0, 40.0], [129.0, 95.0]])
     f = enc.features_at(img, xy, 0.5)
     assert f.shape == (3, enc.feature_dim) and np.isfinite(f).all()
     # filter part is the detector-free encoder's features
-    assert np.allclose(f[:, :144], lite.features_at(img, xy, 0.5), atol=1e-5)
+    assert np.allclose(f[:, :176], lite.features_at(img, xy, 0.5), atol=1e-5)
     # the neck part at (3.5, 3.5) is exactly cell (0, 0) of the stride-8 map
     with torch.no_grad():
         x = det.normalize(torch.from_numpy(np.ascontiguousarray(np.pad(img, ((0, 32), (0, 30), (0, 0)), mode="symmetric")[:128, :160]))[None])
         neck = det.neck_features(x)[0].numpy()
-    assert np.allclose(f[0, 144:], neck[:, 0, 0], atol=1e-4)
+    assert np.allclose(f[0, 176:], neck[:, 0, 0], atol=1e-4)
     with pytest.raises(DenucError):
         get_encoder("lite", weights="x.safetensors")
 
@@ -244,3 +244,17 @@ def test_default_encoder_name_checks_the_local_cache_only(monkeypatch):
     assert not weights_cached("virchow2") and default_encoder_name("virchow2") == "lite"
     assert weights_cached("lite")
     assert seen[0] == ("MahmoodLab/UNI2-h", "model.safetensors")
+
+
+def test_lite_tiles_large_images_consistently():
+    rng = np.random.default_rng(4)
+    img = (rng.random((300, 420, 3)) * 255).astype(np.uint8)
+    xy = np.stack([rng.uniform(0, 419, 30), rng.uniform(0, 299, 30)], axis=1)
+    whole = get_encoder("lite").features_at(img, xy, 0.5)
+    tiled = get_encoder("lite", window=192, overlap=96).features_at(img, xy, 0.5)
+    assert tiled.shape == whole.shape and np.isfinite(tiled).all()
+    # sigma-1 features of each channel (4 columns) see no window edge (>= 48 px away)
+    per_channel = tiled.shape[1] // 4
+    for c in range(4):
+        sl = slice(c * per_channel, c * per_channel + 4)
+        assert np.allclose(tiled[:, sl], whole[:, sl], atol=1e-4)

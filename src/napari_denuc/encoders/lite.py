@@ -3,7 +3,7 @@
 Per nucleus it concatenates
 
 * a multi-scale filter bank on four stain/colour channels -- hematoxylin, eosin and the
-  residual channel of ``skimage.color.rgb2hed`` plus the mean optical density -- at sigmas 1, 2, 4, 8, 16 px
+  residual channel of ``skimage.color.rgb2hed`` plus the mean optical density -- at sigmas 1, 2, 4, 8, 16, 32 px
   (0.5 mpp; nuclei are ~6-16 px across): the Gaussian-smoothed value, the scale-normalised
   gradient magnitude and the two scale-normalised Hessian eigenvalues at the point (their sum
   is the Laplacian of Gaussian), and for sigma >= 2 the statistics (mean, std, min, max) of the
@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from .base import Encoder, pick_device
 from .query import bilinear_sample, cell_coordinate
 
-SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 CHANNELS = ("hematoxylin", "eosin", "dab_residual", "optical_density")
 N_ANGLES = 8
 VERSION = "lite-v1"
@@ -132,9 +132,9 @@ class LiteEncoder(Encoder):
 
     def __init__(self, detector=None, device=None, cache_dir=None, batch_size=1, cache=True, window=None, overlap=None):
         self.mpp = 0.5
-        self.window = int(window or 1536)
-        # overlap/2 >= 64 px of real context around every point (> 3 sigma at sigma 16)
-        self.overlap = int(256 if overlap is None else overlap)
+        self.window = int(window or 2048)
+        # overlap/2 = 192 px of real context around every point (ring radius 64 + 2 sigma at sigma 32)
+        self.overlap = int(384 if overlap is None else overlap)
         self.batch_size = 1
         self.detector = detector
         self.neck_dim = 0

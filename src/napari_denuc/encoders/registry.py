@@ -275,8 +275,8 @@ register_encoder(
         prefix_tokens=0,
         licence="BSD-3-Clause",
         gated=False,
-        window=1536,
-        overlap=256,
+        window=2048,
+        overlap=384,
         notes="Offline encoder: multi-scale filter bank on stain channels + the detector's neck features.",
         factory=_lite_factory,
     )
