@@ -11,7 +11,7 @@ from PIL import Image
 from napari_denuc.data import brca_m2c, folder, load_dataset, ocelot, puma
 from napari_denuc.errors import DenucError
 
-BRCA = Path("/work/shared/data/brca_m2c")
+from paths import BRCA  # noqa: E402
 
 
 def save_png(path, size=(32, 24)):

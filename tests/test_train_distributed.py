@@ -3,13 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brca_m2c"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/brca_m2c")
+from paths import BRCA as DATA
 
 TINY = ["--backbone", "shufflenet_v2_x0_5", "--crop", "64", "--batch-size", "4", "--crops-per-image", "4",
         "--max-images", "2", "--epochs", "2", "--eval-every", "100", "--threads", "1"]
