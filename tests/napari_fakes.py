@@ -62,6 +62,24 @@ class FakePipeline:
     def class_names(self):
         return tuple(self.head.class_names)
 
+    def detect(self, image, mpp, tau=None, nms_um=None, progress=None):
+        import time
+
+        h, w = image.shape[:2]
+        xy = self.detector.xy
+        keep = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+        steps = 10
+        for i in range(steps):
+            if self.slow_s:
+                time.sleep(self.slow_s / steps)
+            if progress:
+                progress(i + 1, steps)
+        return xy[keep], np.full(int(keep.sum()), 0.9, np.float32)
+
+    @property
+    def class_colors(self):
+        return tuple(self.head.class_colors)
+
     def run(self, image, mpp, progress=None, roi=None, tau=None, nms_um=None):
         import time
 

@@ -91,6 +91,10 @@ class DenucWidget(QWidget):
         self._layer_info: dict[int, dict] = {}  # id(points layer) -> image layer name, key, paths
         self._napari_progress = None
         self._t_press = None
+        self._params_from_user = False
+        self.features_memo = session.FeatureMemo()
+        self._keys: dict[int, str] = {}
+        self._setting_params = False
 
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
@@ -163,12 +167,16 @@ class DenucWidget(QWidget):
         self.tau_spin.setSingleStep(0.05)
         self.tau_spin.setDecimals(2)
         self.tau_spin.setValue(0.5)
+        self.tau_spin.setToolTip("Detection score threshold (the detector's own value until you change it)")
+        self.tau_spin.valueChanged.connect(self._on_param_edited)
         form.addRow("Score threshold", self.tau_spin)
         self.nms_spin = QDoubleSpinBox()
         self.nms_spin.setRange(0.5, 50.0)
         self.nms_spin.setDecimals(1)
         self.nms_spin.setSuffix(" µm")
-        self.nms_spin.setValue(4.0)
+        self.nms_spin.setValue(2.0)
+        self.nms_spin.setToolTip("Two detections closer than this are one nucleus (the detector's own value until you change it)")
+        self.nms_spin.valueChanged.connect(self._on_param_edited)
         form.addRow("NMS radius", self.nms_spin)
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
@@ -242,6 +250,32 @@ class DenucWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         root.addWidget(self.status)
         root.addStretch(1)
+
+    def _on_param_edited(self, _value):
+        if not self._setting_params:
+            self._params_from_user = True
+
+    def _show_pipeline(self, pipe):
+        """Show the loaded models and, unless the user set them, the detector's threshold and NMS radius."""
+        if pipe is None:
+            return
+        if not self._params_from_user:
+            self._setting_params = True
+            try:
+                self.tau_spin.setValue(float(pipe.tau))
+                self.nms_spin.setValue(float(pipe.nms_um))
+            finally:
+                self._setting_params = False
+        enc = getattr(pipe.encoder, "id", None)
+        if enc and self.encoder_combo.currentIndex() == 0:
+            self.encoder_combo.blockSignals(True)
+            self.encoder_combo.setItemText(0, f"default ({enc})")
+            self.encoder_combo.blockSignals(False)
+        if self.head_path is None:
+            head = getattr(pipe, "head", None)
+            self.head_label.setText("bundled lite head" if head is not None else "none (add classes and retrain)")
+        if not self.points_layer():
+            self._sync_classes()
 
     def _set_status(self, text: str):
         self.status.setText(text)
@@ -346,10 +380,27 @@ class DenucWidget(QWidget):
     # ----------------------------------------------------------- pipeline
     def _start_preload(self):
         _load_native_libs_on_main_thread()
-        w = create_worker(self._ensure_pipeline)
+        w = create_worker(self._preload)
         w.errored.connect(lambda e: None)  # reported when the user runs
+        w.returned.connect(self._show_pipeline)
         w.start()
         self._preload_worker = w
+
+    def _preload(self):
+        """Build the pipeline and run it once on a small synthetic tile.
+
+        The first inference of a torch model pays one-off costs (kernel selection, memory
+        pools): paying them here, while the user looks at the image, keeps the first
+        "Detect & classify" fast.
+        """
+        pipe = self._ensure_pipeline()
+        try:
+            rng = np.random.default_rng(0)
+            tile = (rng.random((256, 256, 3)) * 80 + np.array([170, 110, 180])).clip(0, 255).astype(np.uint8)
+            pipe.run(tile, float(getattr(pipe.detector, "mpp", 0.5) or 0.5))
+        except Exception:  # noqa: BLE001 (a warm-up failure shows up, with its message, on the real run)
+            pass
+        return pipe
 
     def _ensure_pipeline(self):
         """Build (once) the pipeline from the chosen detector/encoder/head; thread-safe."""
@@ -376,7 +427,7 @@ class DenucWidget(QWidget):
             self._invalidate_pipeline()
 
     def _on_encoder_changed(self, text: str):
-        self.encoder_name = None if text == "default" else text
+        self.encoder_name = None if text.startswith("default") else text
         self._invalidate_pipeline()
         self.head_path = None
         self.head_label.setText("default")
@@ -523,8 +574,12 @@ class DenucWidget(QWidget):
             show_error(str(exc))
             return
         mpp = float(self.mpp_spin.value())
-        tau, nms = float(self.tau_spin.value()), float(self.nms_spin.value())
+        tau, nms = (float(self.tau_spin.value()), float(self.nms_spin.value())) if self._params_from_user else (None, None)
         data = image_layer.data
+        image_key = self._image_key(image_layer)
+
+        def memo_key(pipe, level_factor):
+            return (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), level_factor)
 
         def job():
             pipe = self._ensure_pipeline()
@@ -539,8 +594,19 @@ class DenucWidget(QWidget):
                     raise DenucError("the region lies outside the image; move the view or the shape onto the image")
                 arr = arr[y0:y1, x0:x1]
             image = np.asarray(arr)
-            det = pipe.run(image, mpp * f, progress=self._progress_cb, tau=tau, nms_um=nms)
-            det.xy = (det.xy + (x0, y0)) * f
+            if pipe.head is not None and pipe.encoder is not None:
+                # pipeline.run, step by step, keeping the features for "Retrain head"
+                from ..results import Detections
+
+                xy, scores = pipe.detect(image, mpp * f, tau=tau, nms_um=nms, progress=self._phase(0, 50))
+                feats = pipe.features_at(image, xy, mpp * f, progress=self._phase(50, 50))
+                probs = np.asarray(pipe.head.predict_proba(feats), dtype=np.float32).reshape(len(xy), -1)
+                det = Detections(xy, scores, probs.argmax(1), pipe.class_names, pipe.class_colors, probs)
+                det.xy = (det.xy + (x0, y0)) * f
+                self.features_memo.put(memo_key(pipe, f), det.xy, feats)
+            else:
+                det = pipe.run(image, mpp * f, progress=self._progress_cb, tau=tau, nms_um=nms)
+                det.xy = (det.xy + (x0, y0)) * f
             if poly is not None and len(det):
                 from skimage.measure import points_in_poly
 
@@ -551,6 +617,9 @@ class DenucWidget(QWidget):
 
         self._start_worker(job, self._on_detect_done, "Detecting and classifying nuclei")
         self._job_image = image_layer
+
+    def _phase(self, start, span):
+        return lambda done, total: self._progress_cb(int(start + span * done / max(total, 1)), 100)
 
     def _progress_cb(self, done, total):
         if self._cancel.is_set():
@@ -627,6 +696,7 @@ class DenucWidget(QWidget):
         det, region, poly = result
         image_layer = self._job_image
         pipe = self.pipeline
+        self._show_pipeline(pipe)
         lyr = self.points_layer(image_layer)
         mpp = float(self.mpp_spin.value())
         if lyr is None:
@@ -723,6 +793,14 @@ class DenucWidget(QWidget):
         return self.image_path(image_layer)
 
     def _image_key(self, image_layer) -> str:
+        key = self._keys.get(id(image_layer))
+        if key is not None and key[0] is image_layer.data:
+            return key[1]
+        value = self._compute_image_key(image_layer)
+        self._keys[id(image_layer)] = (image_layer.data, value)
+        return value
+
+    def _compute_image_key(self, image_layer) -> str:
         if getattr(image_layer, "multiscale", False):
             import hashlib
 
@@ -874,11 +952,10 @@ class DenucWidget(QWidget):
         names = L.class_names(lyr)
         colors = L.class_colors(lyr)
         labels = L.class_ids(lyr)[train]
-        xy_train = xy_all[train]
         model_idx = np.flatnonzero(~edited)
-        xy_model = xy_all[model_idx]
         mpp = float(self.mpp_spin.value())
         data = image_layer.data
+        image_key = self._image_key(image_layer)
         project = self.project_dir
         try:
             from .retrain import check_examples
@@ -899,18 +976,31 @@ class DenucWidget(QWidget):
             arr, fct = self._level_for(image_layer, model_mpp, mpp) if getattr(image_layer, "multiscale", False) else (data, 1.0)
             image = np.asarray(arr)
             t0 = time.perf_counter()
-            feats = pipe.features_at(image, xy_train / fct, mpp * fct, progress=self._progress_cb)
+            need = train | ~edited  # one query for training and reclassification
+            key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
+            feats_need, found = self.features_memo.get(key, xy_all[need])
+            missing = np.flatnonzero(~found)  # only nuclei the encoder has not seen are sampled
+            if len(missing):
+                xy_missing = xy_all[need][missing]
+                new = pipe.features_at(image, xy_missing / fct, mpp * fct, progress=self._progress_cb)
+                self.features_memo.put(key, xy_missing, new)
+                if feats_need is None:
+                    feats_need = np.zeros((int(need.sum()), new.shape[1]), np.float32)
+                feats_need[missing] = new
+            feats = np.zeros((len(xy_all), feats_need.shape[1]), np.float32)
+            feats[need] = feats_need
+            n_sampled = len(missing)
             t_feat = time.perf_counter() - t0
             enc_id = getattr(pipe.encoder, "id", "") or "encoder"
             path = session.next_head_path(session.heads_dir(project), enc_id)
             old = pipe.head if pipe.head is not None and tuple(pipe.head.class_names) == tuple(names) else None
-            res = retrain_head(old, feats, labels, names, colors, path, metadata={"image": image_layer.name})
+            res = retrain_head(old, feats[train], labels, names, colors, path, metadata={"image": image_layer.name})
             if len(model_idx):
-                fm = pipe.features_at(image, xy_model / fct, mpp * fct)
-                probs = np.asarray(res.head.predict_proba(fm), dtype=np.float32)
+                probs = np.asarray(res.head.predict_proba(feats[model_idx]), dtype=np.float32)
             else:
                 probs = np.zeros((0, len(names)), np.float32)
             res.fit_info["features_s"] = t_feat
+            res.fit_info["points_sampled"] = n_sampled
             return res, probs
 
         def done(result):

@@ -138,3 +138,43 @@ def state_to_detections_and_flags(state: dict):
     )
     det.probs = probs  # may hold NaN for hand-added nuclei; the layer keeps them as NaN
     return det, np.asarray(state["source"], dtype=object), np.asarray(state["reviewed"], dtype=bool)
+
+
+class FeatureMemo:
+    """Encoder features of points already sampled, per (image, encoder, level), keyed by position.
+
+    "Retrain head" then samples the encoder only at nuclei it has not seen (added or moved
+    ones); everything else comes from here. In memory, for the napari session.
+    """
+
+    def __init__(self, max_points: int = 2_000_000):
+        self._store: dict = {}
+        self.max_points = max_points
+
+    @staticmethod
+    def _coords(xy):
+        q = np.round(np.asarray(xy, dtype=np.float64).reshape(-1, 2) * 100).astype(np.int64)
+        return list(zip(q[:, 0].tolist(), q[:, 1].tolist()))
+
+    def put(self, key, xy, features) -> None:
+        features = np.asarray(features, dtype=np.float32)
+        table = self._store.setdefault(key, {})
+        if len(table) + len(features) > self.max_points:
+            table.clear()
+        table.update(zip(self._coords(xy), features))
+
+    def get(self, key, xy):
+        """(features (N, D) with zeros where unknown, found mask (N,)); features None when nothing is known."""
+        table = self._store.get(key)
+        n = len(np.asarray(xy).reshape(-1, 2))
+        if not table or n == 0:
+            return None, np.zeros(n, dtype=bool)
+        rows = [table.get(c) for c in self._coords(xy)]
+        found = np.array([r is not None for r in rows], dtype=bool)
+        if not found.any():
+            return None, found
+        dim = len(next(r for r in rows if r is not None))
+        out = np.zeros((n, dim), dtype=np.float32)
+        idx = np.flatnonzero(found)
+        out[idx] = np.stack([rows[i] for i in idx])
+        return out, found
