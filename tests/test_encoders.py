@@ -224,6 +224,9 @@ def test_lite_encoder_dims_and_detector_neck():
         x = det.normalize(torch.from_numpy(np.ascontiguousarray(np.pad(img, ((0, 32), (0, 30), (0, 0)), mode="symmetric")[:128, :160]))[None])
         neck = det.neck_features(x)[0].numpy()
     assert np.allclose(f[0, 176:], neck[:, 0, 0], atol=1e-4)
+    # the checkpoint wrapper (load_detector()) works too: its .model and .mpp are used
+    wrapped = get_encoder("lite", detector=SimpleNamespace(model=det, mpp=0.5))
+    assert wrapped.id == enc.id and wrapped.feature_dim == enc.feature_dim
     with pytest.raises(DenucError):
         get_encoder("lite", weights="x.safetensors")
 

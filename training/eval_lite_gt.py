@@ -34,7 +34,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/work/shared/data/brca_m2c")
-    ap.add_argument("--detector", default=None, help="detector checkpoint (default: random shufflenet_v2_x0_5)")
+    ap.add_argument("--detector", default=None, help="detector checkpoint or 'bundled' (default: random shufflenet_v2_x0_5)")
     ap.add_argument("--no-neck", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weight-decay", type=float, nargs="+", default=[1e-3])
@@ -47,7 +47,7 @@ def main(argv=None):
         if args.detector:
             from napari_denuc.detection.checkpoint import load_detector
 
-            det = load_detector(args.detector)
+            det = load_detector(None if args.detector == "bundled" else args.detector)
         else:
             from napari_denuc.detection.model import PointDetector
 

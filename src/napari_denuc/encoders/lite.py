@@ -131,6 +131,7 @@ class LiteEncoder(Encoder):
     align = 32  # the detector needs window sides that are multiples of 32
 
     def __init__(self, detector=None, device=None, cache_dir=None, batch_size=1, cache=True, window=None, overlap=None):
+        """``detector``: a ``PointDetector`` or the wrapper ``detection.checkpoint.load_detector()`` returns."""
         self.mpp = 0.5
         self.window = int(window or 2048)
         # overlap/2 = 192 px of real context around every point (ring radius 64 + 2 sigma at sigma 32)
@@ -139,6 +140,10 @@ class LiteEncoder(Encoder):
         self.detector = detector
         self.neck_dim = 0
         self.id = VERSION
+        if detector is not None and not hasattr(detector, "neck_features") and hasattr(detector, "model"):
+            # a checkpoint wrapper (detection.checkpoint.load_detector): its mpp + its PointDetector
+            self.mpp = float(getattr(detector, "mpp", None) or 0.5)
+            detector = detector.model
         if detector is not None:
             import torch
 
@@ -148,7 +153,7 @@ class LiteEncoder(Encoder):
                 probe = detector.neck_features(torch.zeros(1, 3, 32, 32, device=self.device))
             self.neck_dim = int(probe.shape[1])
             self.id = f"{VERSION}+{detector_fingerprint(detector)}"
-            self.mpp = float(getattr(detector, "mpp", 0.5) or 0.5)
+            self.mpp = float(getattr(detector, "mpp", None) or self.mpp)
         self.filter_dim = filter_bank_dim()
         self.feature_dim = self.filter_dim + self.neck_dim
         # Point-wise (no dense map to store) and fast: nothing is cached on disk.
