@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from .errors import DenucError
-from .metrics import PointScorer, match_points
+from .evaluation import score_pipeline
+from .metrics import match_points
 
 BACKGROUND = "background"
 
@@ -42,20 +43,6 @@ def collect_features(pipeline, samples, background: bool = False, radius_um: flo
     return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
 
 
-def score_head(pipeline, samples, radius_um: float = 3.0, gt_points: bool = False) -> dict:
-    """Distance-based F1 of the pipeline's head on ``samples`` (end to end, or at the GT points)."""
-    scorer = PointScorer(pipeline.class_names)
-    for s in samples:
-        radius = radius_um / s.mpp
-        if gt_points:
-            cls, probs = pipeline.classify(s.image, s.points, s.mpp)
-            scorer.add(s.points, s.points, radius, probs.max(1) if len(probs) else None, cls, s.labels)
-        else:
-            det = pipeline.run(s.image, s.mpp)
-            scorer.add(det.xy, s.points, radius, det.scores, det.class_ids, s.labels)
-    return scorer.result()
-
-
 def train_head(pipeline, train, val=(), background=False, class_weight=None, epochs=100, lr=0.01, radius_um=3.0, log=print):
     """Fit a new LinearHead for ``pipeline.encoder`` on ``train``; attach it to the pipeline and score it on ``val``."""
     from .head import LinearHead
@@ -79,8 +66,8 @@ def train_head(pipeline, train, val=(), background=False, class_weight=None, epo
         "fit": fit,
     }
     if val:
-        report["val_gt_points"] = score_head(pipeline, val, radius_um, gt_points=True)
-        report["val_end_to_end"] = score_head(pipeline, val, radius_um)
+        report["val_gt_points"] = score_pipeline(pipeline, val, radius_um, gt_points=True)
+        report["val_end_to_end"] = score_pipeline(pipeline, val, radius_um)
         log(
             f"val f_avg {report['val_end_to_end']['f_avg']:.4f} end to end, "
             f"{report['val_gt_points']['f_avg']:.4f} at ground-truth points"

@@ -14,35 +14,17 @@ from .io.images import as_rgb_uint8
 from .results import Detections
 
 BUNDLED_HEAD = "lite_head.safetensors"
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def bundled_head_path() -> Path:
     return Path(str(resources.files("napari_denuc") / "weights" / BUNDLED_HEAD))
 
 
-def encoder_weights_cached(name: str) -> bool:
-    """True when the hub weights of encoder ``name`` are already in the local Hugging Face cache."""
-    from .encoders import get_spec
-
-    try:
-        spec = get_spec(name)
-    except DenucError:
-        return False
-    if not spec.hub:
-        return True
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = spec.hub.split(":", 1)[1]
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in HUB_WEIGHT_FILES)
-
-
 def default_encoder_name() -> str:
     """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline ``lite``."""
-    name = os.environ.get("DENUC_ENCODER")
-    if name:
-        return name
-    return "uni2-h" if encoder_weights_cached("uni2-h") else "lite"
+    from .encoders import default_encoder_name as cached_or_lite
+
+    return os.environ.get("DENUC_ENCODER") or cached_or_lite()
 
 
 def _phase(progress, start: float, span: float):
@@ -111,14 +93,20 @@ class Pipeline:
         return self.encoder.features_at(image, np.asarray(xy, dtype=np.float64).reshape(-1, 2), mpp, progress=progress)
 
     def classify(self, image, xy, mpp: float, progress=None):
-        """(class_ids, probs) for points ``xy``; requires a head."""
+        """(class_ids, probs, background) for points ``xy``; requires a head.
+
+        ``background`` is each point's probability of being no nucleus at all (zeros unless
+        the head was trained with a background class).
+        """
         if self.head is None:
             raise DenucError("this pipeline has no classification head")
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        k = len(self.head.class_names)
         if len(xy) == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.head.class_names)), dtype=np.float32)
-        probs = self.head.predict_proba(self.features_at(image, xy, mpp, progress=progress))
-        return probs.argmax(1), probs
+            return np.zeros(0, dtype=np.int64), np.zeros((0, k), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        feats = self.features_at(image, xy, mpp, progress=progress)
+        probs = self.head.predict_proba(feats)
+        return probs.argmax(1), probs, self.head.background_proba(feats)
 
     def run(
         self,
@@ -146,7 +134,9 @@ class Pipeline:
         with_head = self.head is not None
         xy, scores = self.detect(image, mpp, tau, nms_um, progress=_phase(progress, 0, 50 if with_head else 100))
         if with_head:
-            class_ids, probs = self.classify(image, xy, mpp, progress=_phase(progress, 50, 50))
+            class_ids, probs, background = self.classify(image, xy, mpp, progress=_phase(progress, 50, 50))
+            real = background < 0.5  # a head with a background class rejects false detections
+            xy, scores, class_ids, probs = xy[real], scores[real], class_ids[real], probs[real]
         else:
             class_ids, probs = np.zeros(len(xy), dtype=np.int64), None
         if progress is not None:

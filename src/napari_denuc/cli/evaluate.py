@@ -6,7 +6,6 @@ import json
 import sys
 import time
 
-import numpy as np
 
 from . import common
 
@@ -34,11 +33,9 @@ def build_parser():
 
 
 def evaluate(args) -> dict:
-    from tqdm import tqdm
-
     from ..data import load_dataset
     from ..errors import DenucError
-    from ..metrics import PointScorer
+    from ..evaluation import score_pipeline
     from ..pipeline import Pipeline
 
     samples = load_dataset(args.dataset, args.root, args.split)
@@ -47,26 +44,16 @@ def evaluate(args) -> dict:
     t0 = time.time()
     if args.head:
         pipe = Pipeline.from_defaults(args.detector, args.encoder or "lite", args.head, args.device, args.encoder_weights)
-        names = pipe.head.class_names
-        if tuple(names) != tuple(samples[0].class_names):
-            raise DenucError(f"the head's classes {list(names)} differ from the data set's {list(samples[0].class_names)}")
+        if pipe.class_names != tuple(samples[0].class_names):
+            raise DenucError(f"the head's classes {list(pipe.class_names)} differ from the data set's {list(samples[0].class_names)}")
     else:
         if args.gt_points:
             raise DenucError("--gt-points needs --head")
         from ..detection.checkpoint import load_detector
 
         pipe = Pipeline(load_detector(args.detector, args.device))
-        names = None
-    scorer = PointScorer(names, args.matching)
-    for s in tqdm(samples, desc=f"evaluating {args.dataset}/{args.split}", disable=not sys.stderr.isatty()):
-        radius = args.radius_um / s.mpp
-        if args.gt_points:
-            cls, probs = pipe.classify(s.image, s.points, s.mpp)
-            scorer.add(s.points, s.points, radius, probs.max(1), cls, s.labels)
-            continue
-        det = pipe.run(s.image, s.mpp, tau=args.tau, nms_um=args.nms_um)
-        scorer.add(det.xy, s.points, radius, det.scores, det.class_ids, s.labels)
-    res = scorer.result()
+    res = score_pipeline(pipe, samples, args.radius_um, args.gt_points, args.matching, args.tau, args.nms_um,
+                         desc=f"evaluating {args.dataset}/{args.split}")
     return {
         "dataset": args.dataset,
         "split": args.split,
