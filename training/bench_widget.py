@@ -114,6 +114,8 @@ def main(argv=None):
     w.image_combo.setCurrentText("mosaic")
     big = viewer.add_points(**L.layer_kwargs(det, "mosaic nuclei", reviewed=True))
     w._adopt(big, img)
+    # what a Detect & classify on the mosaic would have left in the widget's feature memo
+    w.features_memo.put((w._image_key(img), getattr(pipe.encoder, "id", ""), 0.5, 1.0), xy, feats)
     viewer.layers.selection.active = big
     app.processEvents()
     t = time.perf_counter()

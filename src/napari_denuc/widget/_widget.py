@@ -271,7 +271,9 @@ class DenucWidget(QWidget):
             self.encoder_combo.blockSignals(True)
             self.encoder_combo.setItemText(0, f"default ({enc})")
             self.encoder_combo.blockSignals(False)
-        if self.head_path is None:
+        if self.head_path is not None:
+            self.head_label.setText(Path(self.head_path).name)
+        else:
             head = getattr(pipe, "head", None)
             self.head_label.setText("bundled lite head" if head is not None else "none (add classes and retrain)")
         if not self.points_layer():

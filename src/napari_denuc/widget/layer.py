@@ -25,7 +25,7 @@ from ..results import Detections, default_colors
 from .coords import rc_to_xy, xy_to_rc
 
 SOURCES = ("model", "edited")
-NUCLEUS_DIAMETER_UM = 7.0  # drawn size of a point
+NUCLEUS_DIAMETER_UM = 5.0  # drawn size of a point
 
 
 def prob_column(name: str) -> str:
