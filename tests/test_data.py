@@ -1,7 +1,6 @@
 """Data set loaders: real BRCA-M2C when present, tiny fixtures in the official layouts otherwise."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from . import distributed
 from .errors import DenucError
 from .evaluation import score_pipeline
 from .metrics import match_points
@@ -21,29 +22,41 @@ from .metrics import match_points
 BACKGROUND = "background"
 
 
+def sample_features(pipeline, sample, background: bool = False, radius_um: float = 3.0):
+    """(features, labels) of one sample's annotated nuclei, plus unmatched detections as class K."""
+    pts, lab = sample.points, sample.labels
+    if background:
+        xy, scores = pipeline.detect(sample.image, sample.mpp)
+        matched, _ = match_points(xy, sample.points, radius_um / sample.mpp, scores)
+        spare = np.setdiff1d(np.arange(len(xy)), matched)
+        pts = np.concatenate([pts, xy[spare]])
+        lab = np.concatenate([lab, np.full(len(spare), len(sample.class_names))])
+    feats = pipeline.features_at(sample.image, pts, sample.mpp) if len(pts) else np.zeros((0, pipeline.encoder.feature_dim), np.float32)
+    return feats, np.asarray(lab, dtype=np.int64)
+
+
 def collect_features(pipeline, samples, background: bool = False, radius_um: float = 3.0, desc: str = "features"):
-    """(features, labels) over ``samples``; labels index the samples' classes, K = background."""
+    """(features, labels) over ``samples``; labels index the samples' classes, K = background.
+
+    Under torchrun each rank encodes every world-th sample and the pieces are gathered back in
+    sample order, so all ranks hold exactly what one process would have computed.
+    """
     from tqdm import tqdm
 
-    feats, labels = [], []
-    k = len(samples[0].class_names)
-    for s in tqdm(samples, desc=desc, disable=not sys.stderr.isatty(), leave=False):
-        pts, lab = s.points, s.labels
-        if background:
-            xy, scores = pipeline.detect(s.image, s.mpp)
-            matched, _ = match_points(xy, s.points, radius_um / s.mpp, scores)
-            spare = np.setdiff1d(np.arange(len(xy)), matched)
-            pts = np.concatenate([pts, xy[spare]])
-            lab = np.concatenate([lab, np.full(len(spare), k)])
-        if len(pts):
-            feats.append(pipeline.features_at(s.image, pts, s.mpp))
-            labels.append(lab)
-    if not feats:
+    rank, world = distributed.setup()
+    mine = range(rank, len(samples), world)
+    done = {i: sample_features(pipeline, samples[i], background, radius_um)
+            for i in tqdm(mine, desc=desc, disable=rank > 0 or not sys.stderr.isatty(), leave=False)}
+    parts = {i: fl for shard in distributed.all_gather(done) for i, fl in shard.items()}
+    feats = [parts[i][0] for i in range(len(samples))]
+    labels = [parts[i][1] for i in range(len(samples))]
+    if not sum(len(y) for y in labels):
         raise DenucError("the training images hold no annotated nuclei")
-    return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+    return np.concatenate(feats), np.concatenate(labels)
 
 
-def train_head(pipeline, train, val=(), background=False, class_weight=None, epochs=100, lr=0.01, radius_um=3.0, log=print):
+def train_head(pipeline, train, val=(), background=False, class_weight="balanced", weight_decay=0.03, epochs=100, lr=0.01,
+               radius_um=3.0, log=print):
     """Fit a new LinearHead for ``pipeline.encoder`` on ``train``; attach it to the pipeline and score it on ``val``."""
     from .head import LinearHead
 
@@ -55,7 +68,7 @@ def train_head(pipeline, train, val=(), background=False, class_weight=None, epo
     t_feat = time.time() - t0
     head = LinearHead(pipeline.encoder.feature_dim, names, encoder_id=pipeline.encoder.id, mpp=pipeline.encoder.mpp, background=background)
     t1 = time.time()
-    fit = head.fit(x, y, class_weight=class_weight, epochs=epochs, lr=lr)
+    fit = head.fit(x, y, class_weight=class_weight, weight_decay=weight_decay, epochs=epochs, lr=lr)
     t_fit = time.time() - t1
     pipeline.head = head
     report = {
@@ -65,7 +78,7 @@ def train_head(pipeline, train, val=(), background=False, class_weight=None, epo
         "fit_seconds": round(t_fit, 2),
         "fit": fit,
     }
-    if val:
+    if val and distributed.setup()[0] == 0:
         report["val_gt_points"] = score_pipeline(pipeline, val, radius_um, gt_points=True)
         report["val_end_to_end"] = score_pipeline(pipeline, val, radius_um)
         log(
@@ -98,9 +111,11 @@ def train_head_cli(args) -> int:
     pipe.head = None
     head, report = train_head(
         pipe, train, val, background=args.background,
-        class_weight=None if args.class_weight == "none" else args.class_weight,
+        class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
         epochs=args.epochs, lr=args.lr, radius_um=args.radius_um,
     )
+    if distributed.setup()[0] > 0:
+        return 0  # every rank fitted the same head; rank 0 writes it
     head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
     if "val_end_to_end" in report:
         for name, c in report["val_end_to_end"]["classes"].items():

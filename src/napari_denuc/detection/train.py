@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from .. import distributed
 from ..errors import DenucError
 from .augment import augment
 from .infer import detect_at_model_mpp, point_nms, resample
@@ -156,18 +156,6 @@ def _load_state(path: Path, model, opt):
     return json.loads(path.with_suffix(".json").read_text())
 
 
-def _dist_setup():
-    """Initialise torch.distributed when run under torchrun; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
 def load_training_data(cfg: TrainConfig):
     from ..data import load_dataset
 
@@ -190,7 +178,7 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
 
     from .checkpoint import save_detector
 
-    rank, world = _dist_setup()
+    rank, world = distributed.setup()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank

@@ -164,7 +164,7 @@ class TimmEncoder(Encoder):
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
             try:
                 model.load_state_dict(sd, strict=True)
-            except RuntimeError as exc:
+            except RuntimeError:
                 missing, unexpected = _key_diff(model, sd)
                 raise DenucError(
                     f"{weights} is not a {spec.name} state dict ({len(missing)} missing, {len(unexpected)} unexpected "
