@@ -7,7 +7,7 @@ import pytest
 import torch
 from paths import BRCA, HAVE_BRCA
 
-from napari_denuc.detection.checkpoint import bundled_detector_path, load_detector, save_detector
+from napari_denuc.detection.checkpoint import bundled_detector_path, load_detector, save_detector, sidecar_path
 from napari_denuc.detection.infer import plan_windows, point_nms
 from napari_denuc.detection.model import PointDetector, count_trainable
 from napari_denuc.errors import DenucError
@@ -163,7 +163,7 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
 
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(path.read_bytes()[:1000])
-    truncated.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    sidecar_path(truncated).write_text(sidecar_path(path).read_text())
     with pytest.raises(DenucError, match="truncated"):
         load_detector(truncated)
 
@@ -171,15 +171,15 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
     foreign.write_bytes(path.read_bytes())
     with pytest.raises(DenucError, match="sidecar"):
         load_detector(foreign)
-    foreign.with_suffix(".json").write_text(json.dumps({"format": "something-else"}))
+    sidecar_path(foreign).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DenucError, match="does not describe"):
         load_detector(foreign)
 
     other_arch = tmp_path / "other.safetensors"
     other_arch.write_bytes(path.read_bytes())
-    side = json.loads(path.with_suffix(".json").read_text())
+    side = json.loads(sidecar_path(path).read_text())
     side["architecture"] = {"backbone": "shufflenet_v2_x1_0", "neck_channels": 96}
-    other_arch.with_suffix(".json").write_text(json.dumps(side))
+    sidecar_path(other_arch).write_text(json.dumps(side))
     with pytest.raises(DenucError, match="does not hold weights of a shufflenet_v2_x1_0"):
         load_detector(other_arch)
 
@@ -188,7 +188,7 @@ def test_checkpoint_round_trip_and_bad_checkpoints(tmp_path):
 
 
 def test_bundled_checkpoint_is_documented():
-    info = json.loads(bundled_detector_path().with_suffix(".json").read_text())
+    info = json.loads(sidecar_path(bundled_detector_path()).read_text())
     assert info["metrics"]["val_detection"]["f1"] > 0.8
     assert info["training"]["n_train_images"] == 80
 

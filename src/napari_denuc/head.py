@@ -13,8 +13,6 @@ colours, mpp, training summary, metrics, creation time), both written atomically
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,33 +21,10 @@ from typing import Callable
 import numpy as np
 
 from .errors import DenucError
+from .io.atomic import atomic_write
 from .results import default_colors
 
 FORMAT = "napari-denuc-linear-head/1"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    try:  # the project's helper when present
-        from .io.atomic import atomic_write
-
-        atomic_write(path, data)
-        return
-    except ImportError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def sidecar_path(path) -> Path:
@@ -272,8 +247,8 @@ class LinearHead:
         for k, v in extra.items():
             meta.setdefault(k, v) if k in ("format", "encoder_id", "feature_dim", "class_names") else meta.__setitem__(k, v)
         data = st_save(self.state_tensors(), metadata={"format": FORMAT, "encoder_id": self.encoder_id})
-        _atomic_write_bytes(path, data)
-        _atomic_write_bytes(sidecar_path(path), (json.dumps(meta, indent=2, default=str) + "\n").encode())
+        atomic_write(path, data)
+        atomic_write(sidecar_path(path), (json.dumps(meta, indent=2, default=str) + "\n").encode())
         return path
 
     @classmethod

@@ -1,6 +1,6 @@
 """Detector checkpoints: weights in safetensors, everything else in a JSON sidecar.
 
-``detector.safetensors`` holds the weights; ``detector.json`` beside it holds the
+``detector.safetensors`` holds the weights; ``detector.safetensors.json`` beside it holds the
 architecture, the model's mpp, the score threshold and NMS radius chosen on
 validation data, a training-data summary and metrics. Loading needs nothing else.
 """
@@ -22,7 +22,9 @@ BUNDLED = "detector.safetensors"
 
 
 def sidecar_path(path) -> Path:
-    return Path(path).with_suffix(".json")
+    """``<checkpoint>.json`` beside the weights, as for heads."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def file_digest(path, length: int = 12) -> str:
@@ -62,16 +64,12 @@ class Detector:
 
 def save_detector(model, path, mpp: float, tau: float = 0.5, nms_um: float = 2.0, **meta) -> None:
     """Write ``path`` (.safetensors) and its JSON sidecar atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ..io.atomic import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     info = {
         "format": FORMAT,
         "version": 1,

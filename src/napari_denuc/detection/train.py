@@ -127,7 +127,7 @@ def _lr_at(cfg: TrainConfig, progress: float) -> float:
 
 def _save_state(path: Path, model, opt, epoch: int, best: dict, history: list, cfg: TrainConfig):
     """Resume state: model + optimiser tensors in safetensors, the rest in JSON (no pickles)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ..io.atomic import atomic_write
 
@@ -135,9 +135,7 @@ def _save_state(path: Path, model, opt, epoch: int, best: dict, history: list, c
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path.with_suffix(".safetensors"))
+    atomic_write(path.with_suffix(".safetensors"), save(tensors))
     info = {"epoch": epoch, "best": best, "history": history, "config": asdict(cfg)}
     atomic_write(path.with_suffix(".json"), json.dumps(info, indent=1))
 

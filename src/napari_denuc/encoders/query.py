@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -170,18 +169,13 @@ class FeatureCache:
             return None
 
     def put(self, x0, y0, ww, wh, fmap: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(fmap), allow_pickle=False)
-            os.replace(tmp, self.path(x0, y0, ww, wh))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        import io
+
+        from ..io.atomic import atomic_write
+
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(fmap), allow_pickle=False)
+        atomic_write(self.path(x0, y0, ww, wh), buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- query
