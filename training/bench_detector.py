@@ -4,6 +4,7 @@ The test image is a mosaic of real BRCA-M2C tiles (so the detector sees real nuc
 density). Each measurement runs in a fresh subprocess so peak RSS belongs to it alone.
 
     python training/bench_detector.py [--detector CKPT] [--data ../shared/data/brca_m2c] [--size 2048]
+    python training/bench_detector.py --detector untrained:shufflenet_v2_x0_5 --only denuc   # speed of any width
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def run_one(kind: str, detector: str | None, root: str, size: int, repeats: int)
     torch.set_num_threads(2)
     image = mosaic(root, size)
     if kind == "denuc":
-        from napari_denuc.detection.checkpoint import load_detector
+        from napari_denuc.detection.checkpoint import Detector, load_detector
+        from napari_denuc.detection.model import PointDetector
 
-        det = load_detector(detector, device="cpu")
+        if detector and detector.startswith("untrained:"):  # speed of a width before training it
+            det = Detector(PointDetector(detector.split(":", 1)[1]).eval(), id=detector)
+        else:
+            det = load_detector(detector, device="cpu")
         det.detect(image[:512, :512], 0.5)  # warm-up
         times = []
         for _ in range(repeats):

@@ -52,8 +52,9 @@ class Pipeline:
             )
 
     @classmethod
-    def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None, head_required=False):
-        """Build from paths/names; None means the bundled detector, the default encoder and, for ``lite``, the bundled head."""
+    def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
+        """Build from paths/names; None means the bundled detector, the default encoder and, for
+        ``lite`` with the bundled detector, the bundled head."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .head import LinearHead
@@ -61,10 +62,9 @@ class Pipeline:
         det = load_detector(detector, device=device)
         name = encoder or default_encoder_name()
         enc = get_encoder(name, detector=det.model, weights=encoder_weights, device=device)
-        if head is None and name == "lite" and bundled_head_path().is_file():
+        # The bundled head reads lite features made with the bundled detector's neck: it fits no other detector.
+        if head is None and name == "lite" and detector is None and bundled_head_path().is_file():
             head = bundled_head_path()
-        if head is None and head_required:
-            raise DenucError(f"no head for encoder {name!r}: train one with 'denuc-train head --encoder {name} ...' and pass --head")
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)
 
