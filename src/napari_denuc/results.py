@@ -25,6 +25,28 @@ def default_colors(n: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n))
 
 
+def index_classes(labels, class_names=None, source: str = "", hint: str = "") -> tuple[tuple[str, ...], list[int]]:
+    """Class names and per-point indices for string ``labels``.
+
+    Without ``class_names`` the classes are the labels in order of first appearance; with them,
+    a label outside ``class_names`` is a DenucError naming ``source`` (``hint`` says what to do).
+    """
+    from .errors import DenucError
+
+    if class_names is None:
+        names = tuple(dict.fromkeys(labels)) or ("nucleus",)
+    else:
+        names = tuple(class_names)
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise DenucError(
+                f"{source}: class(es) {', '.join(map(repr, unknown))} not among the expected classes "
+                f"{', '.join(names)}{'; ' + hint if hint else ''}"
+            )
+    index = {n: k for k, n in enumerate(names)}
+    return names, [index[lab] for lab in labels]
+
+
 @dataclass
 class Detections:
     """Nuclei found in one image.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DenucError
-from ..results import Detections
+from ..results import Detections, index_classes
 from .atomic import atomic_write
 
 CLASS_COLUMNS = ("class", "label", "classification", "name")  # accepted names of the class column
@@ -132,17 +132,7 @@ def read_csv(path, class_names=None) -> Detections:
             )
         ids = [k - 1 for k in ints]
     else:
-        if class_names is None:
-            names = tuple(dict.fromkeys(labels)) or ("nucleus",)
-        else:
-            names = tuple(class_names)
-            unknown = sorted(set(labels) - set(names))
-            if unknown:
-                raise DenucError(
-                    f"{path}: class(es) {', '.join(map(repr, unknown))} not among the expected classes {', '.join(names)}"
-                )
-        index = {n: k for k, n in enumerate(names)}
-        ids = [index[lab] for lab in labels]
+        names, ids = index_classes(labels, class_names, str(path))
 
     prob_arr = None
     if prob_cols and set(names) <= set(prob_cols):

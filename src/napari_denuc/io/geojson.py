@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DenucError
-from ..results import Detections, default_colors
+from ..results import Detections, default_colors, index_classes
 from .atomic import atomic_write
 
 PIXEL_OFFSET = 0.5  # QuPath coordinate of the centre of pixel (0, 0)
@@ -245,17 +245,7 @@ def read_geojson(path, class_names=None) -> Detections:
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} feature(s) that are not points or polygons", stacklevel=2)
 
-    if class_names is None:
-        class_names = tuple(dict.fromkeys(names)) or (UNLABELLED,)
-    else:
-        class_names = tuple(class_names)
-        unknown = sorted(set(names) - set(class_names))
-        if unknown:
-            raise DenucError(
-                f"{path}: class(es) {', '.join(map(repr, unknown))} not among the expected classes "
-                f"{', '.join(class_names)}; rename them in QuPath or pick matching classes"
-            )
-    index = {n: k for k, n in enumerate(class_names)}
+    class_names, ids = index_classes(names, class_names, str(path), "rename them in QuPath or pick matching classes")
     defaults = default_colors(len(class_names))
     class_colors = tuple(colors.get(n, defaults[k]) for k, n in enumerate(class_names))
 
@@ -270,7 +260,7 @@ def read_geojson(path, class_names=None) -> Detections:
     return Detections(
         xy=xy - PIXEL_OFFSET,
         scores=np.asarray(scores, dtype=np.float32),
-        class_ids=np.asarray([index[n] for n in names], dtype=np.int64),
+        class_ids=np.asarray(ids, dtype=np.int64),
         class_names=class_names,
         class_colors=class_colors,
         probs=probs,
