@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/brca_m2c}"
 OUT="${2:-runs/detector}"
 OMP_NUM_THREADS=1 denuc-train detector --data "brca_m2c=$DATA" --out "$OUT" \
-  --backbone shufflenet_v2_x1_0 --epochs 60 --batch-size 16 --crop 256 --crops-per-image 4 --lr 2e-3 --threads 1
+  --backbone shufflenet_v2_x1_0 --epochs 100 --batch-size 16 --crop 256 --crops-per-image 4 --lr 2e-3 --threads 1

@@ -91,6 +91,8 @@ def train_head(pipeline, train, val=(), background=False, class_weight="balanced
 def train_head_cli(args) -> int:
     from .cli.common import parse_data_args
     from .data import load_dataset
+    from .detection.checkpoint import load_detector
+    from .encoders import get_encoder
     from .pipeline import Pipeline
 
     if args.finetune == "lora":
@@ -107,8 +109,9 @@ def train_head_cli(args) -> int:
             print(f"no validation split for {name}: {exc}", file=sys.stderr)
     if args.max_images:
         train, val = train[: args.max_images], val[: args.max_images]
-    pipe = Pipeline.from_defaults(args.detector, args.encoder, None, args.device, args.encoder_weights)
-    pipe.head = None
+    detector = load_detector(args.detector, device=args.device)
+    encoder = get_encoder(args.encoder, detector=detector.model, weights=args.encoder_weights, device=args.device)
+    pipe = Pipeline(detector, encoder)
     head, report = train_head(
         pipe, train, val, background=args.background,
         class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
