@@ -75,7 +75,9 @@ def test_tiny_vit_tokens_grid_and_norm(tiny_registered, tiny_weights):
         tokens = model.eval().forward_features(x)
     assert tokens.shape[1] == 9 + 16 * 20
     expect = tokens[:, 9:].reshape(2, 16, 20, 32).permute(0, 3, 1, 2).numpy()
-    assert np.allclose(fmap, expect, atol=1e-4)
+    # float32 sums differ slightly with thread scheduling; a wrong token layout is off by O(1)
+    assert np.allclose(fmap, expect, atol=1e-3, rtol=1e-3)
+    assert np.abs(fmap - np.roll(expect, 1, axis=3)).max() > 0.1
     feats = enc.features_at(batch[0], np.array([[10.0, 10.0], [150.0, 100.0]]), 0.5)
     assert feats.shape == (2, 32) and np.isfinite(feats).all()
 

@@ -123,6 +123,21 @@ def _file_fingerprint(path) -> str:
     return h.hexdigest()
 
 
+def _load_weights(model, weights, name: str) -> str:
+    """Strictly load a local state dict into ``model``; returns the encoder id, which names the
+    file's content so that caches and heads never mix features of different weights."""
+    sd = load_state_dict_file(weights)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError:
+        missing, unexpected = _key_diff(model, sd)
+        raise DenucError(
+            f"{weights} is not a {name} state dict ({len(missing)} missing, {len(unexpected)} unexpected "
+            f"or mis-shaped keys, e.g. {(missing + unexpected)[:3]}); pass the weights of this encoder"
+        ) from None
+    return f"{name}+{_file_fingerprint(weights)}"
+
+
 class TimmEncoder(Encoder):
     """A frozen timm ViT read out as a dense patch-token map (stride = patch size)."""
 
@@ -160,16 +175,8 @@ class TimmEncoder(Encoder):
         kwargs = resolve_kwargs(spec.kwargs)
         encoder_id = spec.name
         if weights is not None:
-            sd = load_state_dict_file(weights)
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
-            try:
-                model.load_state_dict(sd, strict=True)
-            except RuntimeError:
-                missing, unexpected = _key_diff(model, sd)
-                raise DenucError(
-                    f"{weights} is not a {spec.name} state dict ({len(missing)} missing, {len(unexpected)} unexpected "
-                    f"or mis-shaped keys, e.g. {(missing + unexpected)[:3]}); pass the weights of this encoder"
-                ) from None
+            encoder_id = _load_weights(model, weights, spec.name)
         elif pretrained:
             if not spec.hub:
                 raise DenucError(f"encoder {spec.name} has no download source; pass weights=PATH")
@@ -204,15 +211,7 @@ class TimmEncoder(Encoder):
             raise DenucError(f"could not create timm model {name!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         encoder_id = f"timm:{name}"
         if weights is not None:
-            sd = load_state_dict_file(weights)
-            try:
-                model.load_state_dict(sd, strict=True)
-            except RuntimeError:
-                missing, unexpected = _key_diff(model, sd)
-                raise DenucError(
-                    f"{weights} does not match timm model {name} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
-                ) from None
-            encoder_id += "+" + _file_fingerprint(weights)
+            encoder_id = _load_weights(model, weights, encoder_id)
         elif not pretrained:
             encoder_id += "+random"
             options["cache"] = False
