@@ -127,9 +127,16 @@ class TilePlan:
         return sum(t.tissue for t in self.tiles)
 
     def read_box(self, t: Tile) -> tuple[int, int, int, int]:
-        """(x, y, w, h) at the level: the core grown by the overlap (white outside the slide)."""
+        """(x, y, w, h) at the level: the core grown by the overlap, clipped to the slide.
+
+        Clipped rather than padded: a white margin looks like the edge of the tissue to the
+        detector, which then misses nuclei along the border of small images.
+        """
         o = self.overlap
-        return t.x - o, t.y - o, t.w + 2 * o, t.h + 2 * o
+        lw, lh = self.level_size
+        x0, y0 = max(0, t.x - o), max(0, t.y - o)
+        x1, y1 = min(lw, t.x + t.w + o), min(lh, t.y + t.h + o)
+        return x0, y0, x1 - x0, y1 - y0
 
     def owned(self, t: Tile, xy_level: np.ndarray) -> np.ndarray:
         """Which of the points (level pixels) lie in the tile's core; pixel i spans [i - 0.5, i + 0.5)."""
