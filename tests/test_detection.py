@@ -208,3 +208,4 @@ def test_training_resumes_from_last_state(tmp_path):
     state = json.loads((tmp_path / "last.json").read_text())
     assert state["epoch"] == 2 and len(state["history"]) == 2
     load_detector(tmp_path / "best.safetensors")
+

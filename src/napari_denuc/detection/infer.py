@@ -70,19 +70,6 @@ def point_nms(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 
-def _add_flipped(model, x, logits, xy):
-    """Average with the prediction on the mirrored batch.
-
-    Window sides are multiples of 32, so the mirrored stride-8 grid lands exactly on the
-    original one (cell j <-> cell w-1-j) and scores and positions average cell by cell.
-    """
-    logits_f, xy_f = model(torch.flip(x, dims=[3]))
-    logits_f = torch.flip(logits_f, dims=[2])
-    xy_f = torch.flip(xy_f, dims=[2])
-    xy_f = torch.stack([x.shape[3] - 1 - xy_f[..., 0], xy_f[..., 1]], dim=-1)
-    return (logits + logits_f) / 2, (xy + xy_f) / 2
-
-
 @torch.inference_mode()
 def detect_at_model_mpp(
     model: PointDetector,
@@ -92,12 +79,8 @@ def detect_at_model_mpp(
     overlap: int = 64,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
-    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Detect on an image already at the model's mpp. Returns (xy, scores) before NMS.
-
-    ``tta`` also runs the horizontally flipped windows and averages the two predictions.
-    """
+    """Detect on an image already at the model's mpp. Returns (xy, scores) before NMS."""
     device = next(model.parameters()).device
     h, w = image.shape[:2]
     wy, ys, own_y = plan_windows(h, window, overlap)
@@ -110,10 +93,7 @@ def detect_at_model_mpp(
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b : b + batch_size]
         tiles = np.stack([padded[y0 : y0 + wy, x0 : x0 + wx] for y0, x0, _, _ in batch])
-        x = model.normalize(torch.from_numpy(tiles).to(device))
-        logits, xy = model(x)
-        if tta:
-            logits, xy = _add_flipped(model, x, logits, xy)
+        logits, xy = model(model.normalize(torch.from_numpy(tiles).to(device)))
         prob = torch.sigmoid(logits).cpu().numpy()
         xy = xy.cpu().numpy()
         for k, (y0, x0, (ylo, yhi), (xlo, xhi)) in enumerate(batch):
@@ -144,7 +124,6 @@ def detect(
     overlap: int = 64,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
-    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find nuclei in an RGB image of any size stated at ``mpp`` micrometres per pixel.
 
@@ -155,7 +134,7 @@ def detect(
     image = as_rgb_uint8(image)
     scale = mpp / model_mpp
     work = resample(image, scale)
-    xy, scores = detect_at_model_mpp(model, work, tau, window, overlap, batch_size, progress, tta)
+    xy, scores = detect_at_model_mpp(model, work, tau, window, overlap, batch_size, progress)
     # Points live at pixel centres: x_in + 0.5 = (x_model + 0.5) / scale.
     xy = (xy + 0.5) / scale - 0.5 if abs(scale - 1.0) >= 1e-3 else xy
     h, w = image.shape[:2]
