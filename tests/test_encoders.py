@@ -62,7 +62,9 @@ def test_uni2h_architecture_on_meta_device():
 def test_tiny_vit_tokens_grid_and_norm(tiny_registered, tiny_weights):
     path, model = tiny_weights
     enc = get_encoder(tiny_registered, weights=path, cache=False)
-    assert enc.id == "tiny-uni2h" and enc.feature_dim == 32 and enc.stride == 14
+    # local weights: the id names the file's content, so caches and heads never mix weights
+    assert enc.id.startswith("tiny-uni2h+") and enc.feature_dim == 32 and enc.stride == 14
+    assert get_encoder(tiny_registered, weights=path, cache=False).id == enc.id
     assert enc.model.num_prefix_tokens == 9
     rng = np.random.default_rng(0)
     batch = (rng.random((2, 224, 280, 3)) * 255).astype(np.uint8)  # non-square: dynamic img size
