@@ -258,3 +258,23 @@ def test_dask_local_cluster_matches_single_process(slides, tmp_path):
         sd = json.loads((tmp_path / "dask" / f"{stem}.summary.json").read_text())
         sl = json.loads((tmp_path / "local" / f"{stem}.summary.json").read_text())
         assert sd["counts"] == sl["counts"] and sd["config_hash"] == sl["config_hash"]
+
+
+def test_openslide_reader_matches_tiffslide(slides, tmp_path):
+    """Formats only OpenSlide reads (NDPI, MRXS...) go through OpenSlideSource; here a generic
+    tiled TIFF under an .ndpi name, read by OpenSlide, must give tiffslide's pixels and points."""
+    pytest.importorskip("openslide")
+    import shutil
+
+    from napari_denuc.wsi.slides import OpenSlideSource, TiffSlideSource
+
+    d, gt = slides
+    a, b = TiffSlideSource(d / "a.tif"), OpenSlideSource(d / "a.tif")
+    assert b.mpp == pytest.approx(a.mpp) and b.level_dimensions[0] == a.level_dimensions[0]
+    assert np.array_equal(a.read_level(0, -5, 30, 120, 90), b.read_level(0, -5, 30, 120, 90))
+    ndpi = tmp_path / "a.ndpi"
+    shutil.copy(d / "a.tif", ndpi)
+    assert open_slide(ndpi).reader == "openslide"
+    r = predict_slides([ndpi], tmp_path / "out", BlobFactory(), **TILE)
+    assert r.ok, [s.error for s in r.slides]
+    assert as_set(points(tmp_path / "out", "a")) == as_set(gt["a"])
