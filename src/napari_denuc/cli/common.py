@@ -17,14 +17,14 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Call ``main(args)``; print a user error as one line and return a non-zero code."""
+def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Call ``main(args)``; print a user error as one line, prefixed by ``prog``, and return a non-zero code."""
     try:
         return main(args) or 0
     except DenucError as exc:
         if args.debug:
             raise
-        print(f"{sys.argv[0].rsplit('/', 1)[-1]}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -32,7 +32,7 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if args.debug:
             raise
-        print(f"{sys.argv[0].rsplit('/', 1)[-1]}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -107,8 +107,9 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run(_main, args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return common.run(_main, args, parser.prog)
 
 
 if __name__ == "__main__":

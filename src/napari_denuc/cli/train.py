@@ -79,8 +79,9 @@ def _head(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run(_detector if args.what == "detector" else _head, args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return common.run(_detector if args.what == "detector" else _head, args, parser.prog)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def load(root, split: str = "train") -> list[Sample]:
     split_file = root / f"brca_ds_{split}.txt"
     if not split_file.is_file():
         hint = " (the test split is held back for independent evaluation)" if split == "test" else ""
-        raise DenucError(f"BRCA-M2C split file {split_file} not found{hint}; check --root or pick another split")
+        raise DenucError(f"BRCA-M2C split file {split_file} not found{hint}; check the data folder or pick another split")
     samples = []
     for name in split_file.read_text().split():
         stem = Path(name).stem
