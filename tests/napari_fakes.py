@@ -81,20 +81,9 @@ class FakePipeline:
         return tuple(self.head.class_colors)
 
     def run(self, image, mpp, progress=None, roi=None, tau=None, nms_um=None):
-        import time
-
-        h, w = image.shape[:2]
-        xy = self.detector.xy
-        keep = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
-        xy = xy[keep]
-        steps = 10
-        for i in range(steps):
-            if self.slow_s:
-                time.sleep(self.slow_s / steps)
-            if progress:
-                progress(i + 1, steps)
+        xy, scores = self.detect(image, mpp, progress=progress)
         probs = self.head.predict_proba(self.encoder.features_at(image, xy, mpp))
-        return Detections(xy, np.full(len(xy), 0.9), probs.argmax(1), self.head.class_names, self.head.class_colors, probs)
+        return Detections(xy, scores, probs.argmax(1), self.head.class_names, self.head.class_colors, probs)
 
     def features_at(self, image, xy, mpp, progress=None):
         return self.encoder.features_at(image, xy, mpp)
