@@ -960,7 +960,7 @@ class DenucWidget(QWidget):
         image_key = self._image_key(image_layer)
         project = self.project_dir
         try:
-            from .retrain import check_examples
+            from ..retrain import check_examples
 
             check_examples(labels, names)
         except DenucError as exc:
@@ -971,7 +971,7 @@ class DenucWidget(QWidget):
         n_layer = len(lyr.data)
 
         def job():
-            from .retrain import retrain_head
+            from ..retrain import retrain_head
 
             pipe = self._ensure_pipeline()
             model_mpp = float(getattr(pipe.encoder, "mpp", 0.5) or 0.5)

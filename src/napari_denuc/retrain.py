@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DenucError
+from .errors import DenucError
 
 MIN_PER_CLASS = 3
 MAX_FOLDS = 3
@@ -82,7 +82,7 @@ def _new_head(template, feature_dim, class_names, class_colors, encoder_id="", m
         cls = type(template)
         encoder_id, mpp = getattr(template, "encoder_id", encoder_id), getattr(template, "mpp", mpp)
     else:
-        from ..head import LinearHead as cls
+        from .head import LinearHead as cls
     return cls(feature_dim, tuple(class_names), class_colors=tuple(class_colors), encoder_id=encoder_id, mpp=mpp)
 
 
