@@ -102,7 +102,8 @@ def test_predict_exact_no_seam_duplicates(slides, tmp_path):
     import pandas as pd
 
     df = pd.read_parquet(tmp_path / "a.parquet")
-    assert list(df.columns) == ["x", "y", "class", "score", "prob_tumour", "prob_other"]
+    assert list(df.columns) == ["x", "y", "class", "score", "prob_tumour", "prob_other", "source", "reviewed"]
+    assert set(df["source"]) == {"model"} and not df["reviewed"].any()
     from napari_denuc.io.csv import read_csv
     from napari_denuc.io.geojson import read_geojson
 
@@ -278,3 +279,70 @@ def test_openslide_reader_matches_tiffslide(slides, tmp_path):
     r = predict_slides([ndpi], tmp_path / "out", BlobFactory(), **TILE)
     assert r.ok, [s.error for s in r.slides]
     assert as_set(points(tmp_path / "out", "a")) == as_set(gt["a"])
+
+
+def test_geojson_per_class_files(slides, tmp_path):
+    from napari_denuc.io.geojson import read_geojson
+
+    d, gt = slides
+    r = predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("geojson",), geojson_per_class=True, **TILE)
+    assert r.ok, r.slides[0].error
+    whole = read_geojson(tmp_path / "a.geojson")
+    counts = r.slides[0].summary["counts"]
+    assert sum(counts.values()) == len(whole) == len(gt["a"])
+    for k, name in enumerate(whole.class_names):
+        one = read_geojson(tmp_path / f"a.{name}.geojson")
+        assert set(one.class_names) <= {name} and len(one) == counts[name]
+        assert as_set(one.xy) == as_set(whole.xy[whole.class_ids == k])
+    assert set(r.slides[0].outputs) == {"geojson"} | {f"geojson:{n}" for n in whole.class_names}
+    # up to date only while the per-class files are there
+    (tmp_path / f"a.{whole.class_names[0]}.geojson").unlink()
+    r2 = predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("geojson",), geojson_per_class=True, **TILE)
+    assert r2.slides[0].status == "done" and (tmp_path / f"a.{whole.class_names[0]}.geojson").is_file()
+    with pytest.raises(DenucError, match="geojson"):
+        predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("csv",), geojson_per_class=True, **TILE)
+
+
+def test_per_class_names_are_file_safe(tmp_path):
+    from napari_denuc.wsi.outputs import per_class_path
+
+    assert per_class_path(tmp_path / "s.geojson.gz", "Tumor: Positive").name == "s.Tumor_Positive.geojson.gz"
+    assert per_class_path(tmp_path / "s.geojson", "../x").name == "s._x.geojson"
+
+
+def _synthetic_chunks(n_chunks, per_chunk=1000):
+    from napari_denuc.results import Detections
+
+    def chunks():
+        rng = np.random.default_rng(0)
+        for _ in range(n_chunks):
+            p = rng.random((per_chunk, 3)).astype(np.float32)
+            yield Detections(rng.random((per_chunk, 2)) * 1e5, rng.random(per_chunk), p.argmax(1), ("a", "b", "c"), probs=p / p.sum(1, keepdims=True))
+
+    return chunks
+
+
+def test_outputs_stream_in_memory_independent_of_nucleus_count(tmp_path, monkeypatch):
+    """Peak traced memory of writing all formats is the same for 5 and 20 chunks (one tile at a time)."""
+    import tracemalloc
+
+    import pandas as pd
+
+    from napari_denuc.io.csv import read_csv
+    from napari_denuc.io.geojson import read_geojson
+    from napari_denuc.wsi import outputs
+    from napari_denuc.wsi.outputs import output_paths, write_outputs
+
+    monkeypatch.setattr(outputs, "PARQUET_ROW_GROUP", 2000)  # so 20 chunks span several row groups
+    peaks = {}
+    for n in (5, 20):
+        paths = output_paths(tmp_path / str(n), "s", gzip=True)
+        tracemalloc.start()
+        write_outputs(paths, _synthetic_chunks(n), gzip=True)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(pd.read_parquet(paths["parquet"])) == n * 1000
+        assert len(read_csv(paths["csv"])) == n * 1000
+        assert len(read_geojson(paths["geojson"])) == n * 1000
+    # holding 20000 features' text alone would take > 6 MB; the writers stay at one chunk's worth
+    assert peaks[20] < 1.25 * peaks[5], peaks

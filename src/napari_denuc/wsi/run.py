@@ -369,6 +369,7 @@ def predict_slides(
     tiles_in_flight: int | None = None,
     progress: bool = True,
     on_tile=None,
+    geojson_per_class: bool = False,
 ) -> BatchResult:
     """Predict nuclei on every input and write ``<stem>.{geojson[.gz],csv,parquet,summary.json}`` into ``out_dir``.
 
@@ -386,6 +387,10 @@ def predict_slides(
         ``scheduler`` ("tcp://host:8786"), or on the given ``distributed.Client``.
     tiles_in_flight: tiles submitted but not committed (bounds memory); default 2 per worker thread.
     on_tile: called as ``on_tile(stem, tile_index, n_committed_in_this_run)`` after each commit.
+    geojson_per_class: also write ``<stem>.<class>.geojson[.gz]``, one file per class.
+
+    Outputs are streamed from the per-tile store one tile at a time, so writing them needs
+    memory for one tile, not for the slide's nuclei.
 
     A slide that can't be read, has no mpp, or whose tiles fail is reported in its
     ``SlideResult`` (status "failed", one-line ``error``) and the others go on.
@@ -401,6 +406,8 @@ def predict_slides(
         if f not in FORMATS:
             raise DenucError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
     mask_params = mask_params or MaskParams()
+    if geojson_per_class and "geojson" not in formats:
+        raise DenucError("--geojson-per-class needs the geojson format; add geojson to --format")
 
     own_client = own_cluster = None
     if client is None and (dask or scheduler):
@@ -428,6 +435,8 @@ def predict_slides(
                 "tissue": bool(tissue),
                 "mask": dataclasses.asdict(mask_params) if tissue else None,
             }
+            if geojson_per_class:  # only when set, so earlier finished outputs stay up to date
+                run_config["geojson_per_class"] = True
             jobs.append(
                 _Job(
                     SlideResult(Path(path), stem),
@@ -444,13 +453,16 @@ def predict_slides(
         for job in jobs:
             if not overwrite and _up_to_date(job):
                 job.result.status = "up-to-date"
-                job.result.outputs = {k: str(v) for k, v in job.paths.items()}
                 job.result.summary = read_summary(job.summary_file)
+                job.result.outputs = {k: str(out_dir / v) for k, v in job.result.summary["outputs"].items()}
             else:
                 todo.append(job)
 
         overall = _bar(progress, total=0, desc="tiles (all slides)", unit="tile", position=0, dynamic_ncols=True)
-        ctx = _Ctx(out_dir, factory, target_mpp, tile_size, overlap, tissue, mask_params, resume, keep_tiles, gzip, progress, on_tile, overall)
+        ctx = _Ctx(
+            out_dir, factory, target_mpp, tile_size, overlap, tissue, mask_params, resume, keep_tiles, gzip, progress, on_tile, overall,
+            geojson_per_class=geojson_per_class,
+        )
         if client is None:
             _run_local(todo, ctx)
         else:
@@ -490,7 +502,10 @@ def make_client(scheduler: str | None = None, n_workers: int = 2):
 
 def _up_to_date(job: _Job) -> bool:
     s = read_summary(job.summary_file)
-    return bool(s) and s.get("config_hash") == job.key and all(p.is_file() for p in job.paths.values())
+    if not s or s.get("config_hash") != job.key or not all(p.is_file() for p in job.paths.values()):
+        return False
+    outputs = s.get("outputs")
+    return isinstance(outputs, dict) and all((job.summary_file.parent / n).is_file() for n in outputs.values())
 
 
 @dataclass
@@ -508,6 +523,7 @@ class _Ctx:
     progress: bool
     on_tile: object
     overall: object
+    geojson_per_class: bool = False
     committed: int = 0
 
     def plan_args(self, job: _Job):
@@ -557,33 +573,22 @@ def _commit(job: _Job, tile_index: int, arrays: dict, ctx: _Ctx) -> None:
         ctx.on_tile(job.result.stem, tile_index, ctx.committed)
 
 
-def _merge(job: _Job, ctx: _Ctx, compute) -> Detections:
+def _tile_chunks(job: _Job, compute):
+    """A callable returning a fresh iterator over the slide's tissue tiles as Detections."""
     plan: TilePlan = job.info["plan"]
-    parts = []
-    for t in plan.tiles:
-        if not t.tissue:
-            continue
-        a = job.store.load(t.index)
-        if a is None:  # vanished or unreadable since the plan: compute it again
-            a = compute(t)
-            job.store.commit(t.index, a)
-        parts.append(a)
-    if not parts:
-        parts = [compute(None)]
-    names = parts[0]["class_names"]
-    for a in parts:
-        if list(a["class_names"]) != list(names):
-            raise DenucError(f"tiles disagree on the classes ({names} vs {a['class_names']}); delete {job.store.folder} and run again")
-    has_probs = all(a["probs"] is not None for a in parts)
-    merged = {
-        "xy": np.concatenate([a["xy"].reshape(-1, 2) for a in parts]),
-        "scores": np.concatenate([a["scores"] for a in parts]),
-        "class_ids": np.concatenate([a["class_ids"] for a in parts]),
-        "probs": np.concatenate([a["probs"].reshape(-1, len(names)) for a in parts]) if has_probs else None,
-        "class_names": names,
-        "class_colors": parts[0]["class_colors"],
-    }
-    return arrays_to_det(merged)
+    indices = [t.index for t in plan.tiles if t.tissue]
+    by_index = {t.index: t for t in plan.tiles}
+    return lambda: job.store.iter_detections(indices, lambda i: compute(by_index[i] if i is not None else None))
+
+
+def _count(chunks) -> tuple[int, dict, tuple]:
+    counts, names, n = None, (), 0
+    for det in chunks():
+        if counts is None:
+            names, counts = det.class_names, np.zeros(len(det.class_names), np.int64)
+        counts += np.bincount(det.class_ids, minlength=len(names))[: len(names)]
+        n += len(det)
+    return n, {name: int(c) for name, c in zip(names, counts if counts is not None else [])}, names
 
 
 def _finish(job: _Job, ctx: _Ctx, compute) -> None:
@@ -592,8 +597,9 @@ def _finish(job: _Job, ctx: _Ctx, compute) -> None:
     if job.bar is not None:
         job.bar.close()
         job.bar = None
-    det = _merge(job, ctx, compute)
-    write_outputs(job.paths, det, gzip=ctx.gzip)
+    chunks = _tile_chunks(job, compute)
+    n_nuclei, counts, names = _count(chunks)  # also recomputes vanished tiles before any file is written
+    written = write_outputs(job.paths, chunks, gzip=ctx.gzip, per_class=names if ctx.geojson_per_class else None)
     plan: TilePlan = job.info["plan"]
     info = job.info
     n_tissue = plan.n_tissue
@@ -615,9 +621,9 @@ def _finish(job: _Job, ctx: _Ctx, compute) -> None:
         "n_tiles_reused": job.reused,
         "n_tiles_computed": job.computed,
         "tissue_fraction": info["tissue_fraction"],
-        "n_nuclei": len(det),
-        "counts": det.counts(),
-        "classes": list(det.class_names),
+        "n_nuclei": n_nuclei,
+        "counts": counts,
+        "classes": list(names),
         "coordinates": "level-0 pixels, pixel centres at integers (GeoJSON: QuPath convention, +0.5)",
         "timings_s": {
             "plan": round(info["plan_s"], 4),
@@ -625,7 +631,7 @@ def _finish(job: _Job, ctx: _Ctx, compute) -> None:
             "write": round(time.perf_counter() - t0, 4),
             "total": round(time.perf_counter() - job.t_start, 4),
         },
-        "outputs": {k: p.name for k, p in job.paths.items()},
+        "outputs": {k: p.name for k, p in written.items()},
         "config_hash": job.key,
         "config": job.run_config,
     }
@@ -633,7 +639,7 @@ def _finish(job: _Job, ctx: _Ctx, compute) -> None:
     if not ctx.keep_tiles:
         job.store.clear()
     job.result.status = "done"
-    job.result.outputs = {k: str(v) for k, v in job.paths.items()}
+    job.result.outputs = {k: str(v) for k, v in written.items()}
     job.result.summary = summary
 
 
