@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import rescale_points
 from ..io.naming import content_hash, safe_name
 
 ProgressFn = Callable[[int, int], None]
@@ -78,12 +79,7 @@ def resample_image(image: np.ndarray, xy: np.ndarray, image_mpp: float, target_m
     # pixel-centre convention used for the point mapping below.
     out = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
     out = out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    sx, sy = nw / w, nh / h
-    xy = np.asarray(xy, dtype=np.float64)
-    xy2 = np.empty_like(xy)
-    xy2[:, 0] = (xy[:, 0] + 0.5) * sx - 0.5
-    xy2[:, 1] = (xy[:, 1] + 0.5) * sy - 0.5
-    return out, xy2
+    return out, rescale_points(xy, (nw / w, nh / h))
 
 
 def window_origins(length: int, window: int, step: int) -> np.ndarray:
