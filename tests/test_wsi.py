@@ -346,3 +346,44 @@ def test_outputs_stream_in_memory_independent_of_nucleus_count(tmp_path, monkeyp
         assert len(read_geojson(paths["geojson"])) == n * 1000
     # holding 20000 features' text alone would take > 6 MB; the writers stay at one chunk's worth
     assert peaks[20] < 1.25 * peaks[5], peaks
+
+
+def test_set_threads_limits_loaded_pools():
+    """After numpy and torch are loaded, env vars no longer matter: the limits must still hold."""
+    code = textwrap.dedent(
+        """
+        import json, numpy, torch
+        from threadpoolctl import threadpool_info
+        from napari_denuc.wsi.worker import set_threads
+        before = torch.get_num_threads()
+        set_threads(1)
+        print(json.dumps({"before": before, "torch": torch.get_num_threads(),
+                          "pools": [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["torch"] == 1
+    assert info["pools"] and all(n == 1 for _, n in info["pools"]), info
+    if os.cpu_count() > 1:
+        assert info["before"] > 1  # the limit did something
+
+
+def test_batch_size_reaches_the_detector_without_patching():
+    from napari_denuc.pipeline import Pipeline
+    from napari_denuc.wsi.factory import PipelineFactory
+
+    calls = []
+
+    class Recorder:
+        tau, nms_um = 0.5, 2.0
+
+        def detect(self, image, mpp, **kw):
+            calls.append(kw)
+            return np.zeros((0, 2)), np.zeros(0, np.float32)
+
+    Pipeline(Recorder(), detect_options={"batch_size": 3}).run(np.zeros((8, 8, 3), np.uint8), 0.5)
+    assert calls[0]["batch_size"] == 3
+    pipe = PipelineFactory(encoder="lite", batch_size=5).pipeline()
+    assert pipe.detect_options == {"batch_size": 5} and "detect" not in vars(pipe.detector)
