@@ -80,8 +80,11 @@ def export(folder: Path, out: Path, gzip: bool, in_memory: bool) -> dict:
     if in_memory:  # the pre-streaming path: concatenate every tile, then write
         parts = list(store.iter_detections(indices, None))
         det = Detections(
-            np.concatenate([d.xy for d in parts]), np.concatenate([d.scores for d in parts]),
-            np.concatenate([d.class_ids for d in parts]), parts[0].class_names, parts[0].class_colors,
+            np.concatenate([d.xy for d in parts]),
+            np.concatenate([d.scores for d in parts]),
+            np.concatenate([d.class_ids for d in parts]),
+            parts[0].class_names,
+            parts[0].class_colors,
             np.concatenate([d.probs for d in parts]),
         )
         del parts
@@ -115,14 +118,30 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         n_tiles = fill_store(folder, args.nuclei, args.per_tile)
         fill_s = time.perf_counter() - t0
-        cmd = [sys.executable, __file__, "--child", str(folder)] + (["--gzip"] if args.gzip else []) + (["--in-memory"] if args.in_memory else [])
+        cmd = (
+            [sys.executable, __file__, "--child", str(folder)]
+            + (["--gzip"] if args.gzip else [])
+            + (["--in-memory"] if args.in_memory else [])
+        )
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode:
             sys.stderr.write(res.stderr)
             return res.returncode
         child = json.loads(res.stdout.strip().splitlines()[-1])
-    print(json.dumps({"nuclei": args.nuclei, "tiles": n_tiles, "per_tile": args.per_tile, "gzip": args.gzip,
-                      "in_memory": args.in_memory, "fill_store_s": round(fill_s, 1), **child}, indent=2))
+    print(
+        json.dumps(
+            {
+                "nuclei": args.nuclei,
+                "tiles": n_tiles,
+                "per_tile": args.per_tile,
+                "gzip": args.gzip,
+                "in_memory": args.in_memory,
+                "fill_store_s": round(fill_s, 1),
+                **child,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -37,8 +37,18 @@ def main(argv=None) -> int:
         head.fit(x, y, optimizer=args.optimizer)
         times.append(time.perf_counter() - t0)
     acc = float((head.predict(x) == y).mean())
-    print(json.dumps({"n": args.n, "dim": args.dim, "classes": args.classes, "optimizer": args.optimizer,
-                      "fit_s": [round(t, 3) for t in times], "train_accuracy": round(acc, 4)}))
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "dim": args.dim,
+                "classes": args.classes,
+                "optimizer": args.optimizer,
+                "fit_s": [round(t, 3) for t in times],
+                "train_accuracy": round(acc, 4),
+            }
+        )
+    )
     return 0
 
 

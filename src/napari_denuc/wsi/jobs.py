@@ -122,7 +122,16 @@ class RunContext:
     committed: int = 0
 
     def plan_args(self, job: Job):
-        return (str(job.result.path), job.mpp, job.fallback_mpp, self.target_mpp, self.tile_size, self.overlap, self.tissue, self.mask_params)
+        return (
+            str(job.result.path),
+            job.mpp,
+            job.fallback_mpp,
+            self.target_mpp,
+            self.tile_size,
+            self.overlap,
+            self.tissue,
+            self.mask_params,
+        )
 
 
 def fail(job: Job, exc: BaseException) -> None:
@@ -150,7 +159,16 @@ def start(job: Job, info: dict, ctx: RunContext) -> list[Tile]:
     if ctx.overall is not None:
         ctx.overall.total += len(tissue)
         ctx.overall.update(job.reused)
-    job.bar = bar(ctx.progress, total=len(tissue), initial=job.reused, desc=job.result.stem[:30], unit="tile", position=1, leave=False, dynamic_ncols=True)
+    job.bar = bar(
+        ctx.progress,
+        total=len(tissue),
+        initial=job.reused,
+        desc=job.result.stem[:30],
+        unit="tile",
+        position=1,
+        leave=False,
+        dynamic_ncols=True,
+    )
     job.t_tiles = time.perf_counter()
     return pending
 

@@ -16,7 +16,6 @@ bookkeeping: commit, failure, merge and writes), ``executors.py`` (local and Das
 module, the entry point.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -183,7 +182,19 @@ def predict_slides(
 
         overall = bar(progress, total=0, desc="tiles (all slides)", unit="tile", position=0, dynamic_ncols=True)
         ctx = RunContext(
-            out_dir, factory, target_mpp, tile_size, overlap, tissue, mask_params, resume, keep_tiles, gzip, progress, on_tile, overall,
+            out_dir,
+            factory,
+            target_mpp,
+            tile_size,
+            overlap,
+            tissue,
+            mask_params,
+            resume,
+            keep_tiles,
+            gzip,
+            progress,
+            on_tile,
+            overall,
             geojson_per_class=geojson_per_class,
         )
         if client is None:

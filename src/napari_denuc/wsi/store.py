@@ -40,9 +40,7 @@ def det_to_arrays(det: Detections) -> dict:
 
 
 def arrays_to_det(a: dict) -> Detections:
-    return Detections(
-        a["xy"], a["scores"], a["class_ids"], tuple(a["class_names"]), tuple(tuple(c) for c in a["class_colors"]), a["probs"]
-    )
+    return Detections(a["xy"], a["scores"], a["class_ids"], tuple(a["class_names"]), tuple(tuple(c) for c in a["class_colors"]), a["probs"])
 
 
 class TileStore:

@@ -145,4 +145,8 @@ def compute_tile(path, geometry: TilePlan, tile: Tile, factory) -> dict:
 def class_info(factory, mpp: float) -> dict:
     """Class names/colours of the pipeline (for slides without any tissue tile)."""
     det = factory()(np.full((64, 64, 3), 255, np.uint8), mpp)
-    return det_to_arrays(Detections(np.zeros((0, 2)), [], [], det.class_names, det.class_colors, None if det.probs is None else np.zeros((0, len(det.class_names)))))
+    return det_to_arrays(
+        Detections(
+            np.zeros((0, 2)), [], [], det.class_names, det.class_colors, None if det.probs is None else np.zeros((0, len(det.class_names)))
+        )
+    )
