@@ -8,7 +8,8 @@
 # The base interpreter is $PYTHON if set, else python3, else python. As root, a missing
 # python3-venv (Debian splits venv/ensurepip out of python3) is installed with apt. With uv on
 # PATH (and DENUC_NO_UV unset) uv makes the venv and installs, which is faster.
-# The install is skipped when pyproject.toml and the extras are unchanged since the last one.
+# The install is skipped when pyproject.toml and the extras are unchanged since the last one
+# (then only the package itself is re-linked if the environment served another checkout).
 
 denuc_base_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -53,8 +54,12 @@ denuc_venv() {
   fi
   PY="$venv/bin/python"
   local stamp="$venv/.napari-denuc-installed" want
-  want="$(cat pyproject.toml | cksum) [$extras] $(pwd)"
+  want="$(cksum < pyproject.toml) [$extras]"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    # same dependencies: only make sure the editable install points at this checkout
+    if [ "$("$PY" -c 'import napari_denuc, os; print(os.path.dirname(os.path.dirname(os.path.abspath(napari_denuc.__file__))))' 2>/dev/null)" != "$(pwd)/src" ]; then
+      if denuc_use_uv; then uv pip install -q --python "$PY" --no-deps -e .; else "$PY" -m pip install -q --no-deps -e .; fi
+    fi
     return 0
   fi
   echo "installing napari-denuc[$extras] into $venv (the first time takes a few minutes: torch, napari)" >&2
