@@ -55,7 +55,7 @@ denuc_venv() {
   PY="$venv/bin/python"
   local stamp="$venv/.napari-denuc-installed" want
   want="$(cksum < pyproject.toml) [$extras]"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
     # same dependencies: only make sure the editable install points at this checkout
     if [ "$("$PY" -c 'import napari_denuc, os; print(os.path.dirname(os.path.dirname(os.path.abspath(napari_denuc.__file__))))' 2>/dev/null)" != "$(pwd)/src" ]; then
       if denuc_use_uv; then uv pip install -q --python "$PY" --no-deps -e .; else "$PY" -m pip install -q --no-deps -e .; fi
@@ -68,5 +68,10 @@ denuc_venv() {
   else
     "$PY" -m pip install -q -e ".[$extras]"
   fi
-  echo "$want" > "$stamp"
+  # one line per extras set installed for this pyproject.toml (quickstart and test.sh differ)
+  if [ -f "$stamp" ] && grep -q "^$(cksum < pyproject.toml) \[" "$stamp"; then
+    echo "$want" >> "$stamp"
+  else
+    echo "$want" > "$stamp"
+  fi
 }
