@@ -11,6 +11,9 @@
 # The install is skipped when pyproject.toml and the extras are unchanged since the last one
 # (then only the package itself is re-linked if the environment served another checkout).
 
+# apt-get as root; dpkg needs the sbin folders on PATH, which a PATH=/usr/bin:/bin login lacks.
+denuc_apt() { PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
+
 denuc_base_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
   for c in python3 python; do
@@ -30,10 +33,9 @@ denuc_ensure_venv_module() {
   pkgs="python3-venv python${ver}-venv"
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing $pkgs (python's venv module) with apt" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    denuc_apt update -qq
     # python3.X-venv may not exist under that name on every release: try both, then python3-venv alone
-    apt-get install -y -qq --no-install-recommends $pkgs || apt-get install -y -qq --no-install-recommends python3-venv
+    denuc_apt install -y -qq --no-install-recommends $pkgs || denuc_apt install -y -qq --no-install-recommends python3-venv
   else
     echo "error: $base cannot create virtual environments; install python's venv module (sudo apt install $pkgs) and run again" >&2
     return 1

@@ -23,9 +23,8 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    denuc_apt update -qq
+    denuc_apt install -y -qq --no-install-recommends "${missing[@]}"
   fi
 elif [ "$(id -u)" != "0" ]; then
   echo "scripts/test.sh: not root, skipping apt (napari tests need xvfb and the Qt/OpenGL libraries)" >&2
