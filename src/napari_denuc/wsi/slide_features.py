@@ -30,6 +30,27 @@ MPP_TOLERANCE = 1e-3  # relative: a level within 0.1% of the encoder's mpp is re
 _FINGERPRINT_BYTES = 1 << 20
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    A window's features allocate a few hundred MB in many threads' malloc arenas; without a trim
+    glibc keeps most of it, and the process's footprint ratchets up window after window.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def slide_fingerprint(path) -> str:
     """A cache key for a slide file: size plus its first and last MiB (cheap on a multi-GB file)."""
     path = Path(path)
@@ -88,6 +109,7 @@ class SlideWindows:
         return np.ascontiguousarray(inner)
 
     def crop(self, x0: int, y0: int, ww: int, wh: int) -> np.ndarray:
+        _trim_heap()  # the previous window's buffers are free by now
         if self.exact:
             return self._read_padded(x0, y0, ww, wh)
         return self._resampled(x0, y0, ww, wh)
@@ -153,6 +175,7 @@ def slide_features(encoder, source, xy, mpp: float | None = None, progress: Prog
             key = f"slide-{slide_fingerprint(src.path)}-L{windows.level}"
             store = FeatureCache(encoder.cache_dir, encoder.id, key, mpp0)
         feats = query_windows(encoder, windows.shape, windows.to_virtual(xy), windows.crop, store, progress)
+        _trim_heap()
         if stats is not None:
             stats.update(level=windows.level, level_mpp=windows.level_mpp, pixels_read=windows.pixels_read)
         return feats
