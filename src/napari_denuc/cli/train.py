@@ -140,7 +140,7 @@ def _head(args) -> int:
         train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images)
         res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data]})
         n = sum(len(s.points) for s in train)
-        print(f"head retrained from {src.name} with {n} corrected nuclei, written to {args.out}")
+        print(f"head ({', '.join(res.head.class_names)}) retrained from {src.name} with {n} corrected nuclei, written to {args.out}")
         return 0
     train, val = _load_data(data, class_map, None, args.max_images)
     if not train:
