@@ -1,0 +1,104 @@
+"""npe2 reader: whole slides (.svs, .ndpi, .mrxs, .scn, pyramidal .tif/.tiff) as lazy multiscale images.
+
+Each pyramid level becomes a dask array whose chunks are read from the slide on demand through
+the same readers as ``denuc-predict`` (``wsi.slides.open_slide``: tiffslide, else OpenSlide), so
+opening a slide reads only what napari displays. The layer's metadata carries the level-0 ``mpp``
+(the widget's resolution), the slide ``path`` and, under ``"slide"``, the reader and the level
+downsamples, which is what the widget needs to read features from the slide itself
+(``napari_denuc.wsi.slide_features.slide_features``).
+
+Plain (single-resolution) TIFFs are left to napari's own reader: ``get_reader`` returns None.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff")
+CHUNK = 512  # px per dask chunk side: a few TIFF tiles, few enough tasks for a 100k px slide
+
+
+def _is_pyramidal_tiff(path: Path) -> bool:
+    """A tiled TIFF with more than one resolution (SubIFDs or a series of reduced pages)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0] if tif.series else None
+            return bool(series is not None and len(series.levels) > 1 and tif.pages[0].is_tiled)
+    except Exception:  # not a TIFF tifffile can parse: not ours
+        return False
+
+
+def get_reader(path):
+    """Return :func:`read_slide` for a whole slide, None for anything else (plain TIFFs included)."""
+    if isinstance(path, (list, tuple)):
+        return read_slide if path and all(get_reader(p) is not None for p in path) else None
+    p = Path(str(path))
+    suffix = p.suffix.lower()
+    if suffix not in SLIDE_SUFFIXES or not (p.is_file() or (suffix == ".mrxs" and p.exists())):
+        return None
+    if suffix in (".tif", ".tiff") and not _is_pyramidal_tiff(p):
+        return None
+    return read_slide
+
+
+class LazyLevel:
+    """One pyramid level as a read-only (h, w, 3) uint8 array-like; every read is counted."""
+
+    def __init__(self, source, level: int, lock: threading.Lock):
+        self.source, self.level, self._lock = source, level, lock
+        w, h = source.level_dimensions[level]
+        self.shape, self.dtype, self.ndim = (h, w, 3), np.dtype(np.uint8), 3
+        self.pixels_read = 0
+        self.reads = 0
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        (y0, y1, sy), (x0, x1, sx) = (k.indices(n) for k, n in zip(key[:2], self.shape[:2]))
+        if sy != 1 or sx != 1:  # napari and dask read contiguous blocks; a stride reads the block first
+            return self[y0:y1, x0:x1][::sy, ::sx][(slice(None), slice(None), key[2])]
+        h, w = max(0, y1 - y0), max(0, x1 - x0)
+        if h == 0 or w == 0:
+            return np.zeros((h, w, 3), np.uint8)[:, :, key[2]]
+        with self._lock:
+            block = self.source.read_level(self.level, x0, y0, w, h)
+        self.pixels_read += w * h
+        self.reads += 1
+        return block[:, :, key[2]]
+
+
+def slide_levels(path):
+    """(dask arrays per level, SlideSource, LazyLevel per level) of the slide at ``path``."""
+    import dask.array as da
+
+    from .wsi.slides import open_slide
+
+    src = open_slide(path)
+    lock = threading.Lock()  # one file handle: readers are not all thread-safe
+    lazy = [LazyLevel(src, lv, lock) for lv in range(src.level_count)]
+    arrays = [da.from_array(lv, chunks=(CHUNK, CHUNK, 3), asarray=False, fancy=False, name=f"denuc-slide-{path}-{i}")
+              for i, lv in enumerate(lazy)]
+    return arrays, src, lazy
+
+
+def read_slide(path) -> list[tuple]:
+    """Layer data tuples: one multiscale RGB image per slide, ``metadata["mpp"]`` its level-0 mpp."""
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    out = []
+    for p in paths:
+        p = Path(str(p))
+        arrays, src, _ = slide_levels(p)
+        meta = {
+            "path": str(p),
+            "slide": {"reader": src.reader, "level_downsamples": list(src.level_downsamples),
+                      "level_dimensions": [list(d) for d in src.level_dimensions]},
+        }
+        if src.mpp is not None:
+            meta["mpp"] = float(src.mpp)
+        out.append((arrays, {"name": p.stem, "multiscale": True, "rgb": True, "metadata": meta}, "image"))
+    return out
