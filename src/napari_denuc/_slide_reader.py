@@ -1,8 +1,10 @@
 """npe2 reader: whole slides (.svs, .ndpi, .mrxs, .scn, pyramidal .tif/.tiff) as lazy multiscale images.
 
-Each pyramid level becomes a dask array whose chunks are read from the slide on demand through
-the same readers as ``denuc-predict`` (``wsi.slides.open_slide``: tiffslide, else OpenSlide), so
-opening a slide reads only what napari displays. The layer's metadata carries the level-0 ``mpp``
+Each pyramid level becomes a lazy array (:class:`LazyLevel`: shape, dtype, slicing) whose
+slices are read from the slide on demand through the same readers as ``denuc-predict``
+(``wsi.slides.open_slide``: tiffslide, else OpenSlide), so opening a slide reads only the region
+napari displays. Not dask: importing ``dask.array`` alone costs about 1 s on this machine, half
+of the 2 s budget to first display, and napari slices the levels itself. The layer's metadata carries the level-0 ``mpp``
 (the widget's resolution), the slide ``path`` and, under ``"slide"``, the reader and the level
 downsamples, which is what the widget needs to read features from the slide itself
 (``napari_denuc.wsi.slide_features.slide_features``).
@@ -18,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff")
-CHUNK = 512  # px per dask chunk side: a few TIFF tiles, few enough tasks for a 100k px slide
 
 
 def _is_pyramidal_tiff(path: Path) -> bool:
@@ -56,9 +57,28 @@ class LazyLevel:
         self.pixels_read = 0
         self.reads = 0
 
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] * 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):  # a whole level: only ever asked of small levels
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype)
+
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (4 - len(key)) + key[i + 1 :]
         key = key + (slice(None),) * (3 - len(key))
+        if isinstance(key[0], (int, np.integer)) or isinstance(key[1], (int, np.integer)):  # a row or a column
+            rows = slice(int(key[0]), int(key[0]) + 1) if isinstance(key[0], (int, np.integer)) else key[0]
+            cols = slice(int(key[1]), int(key[1]) + 1) if isinstance(key[1], (int, np.integer)) else key[1]
+            block = self[rows, cols, key[2]]
+            return block[tuple(0 if isinstance(k, (int, np.integer)) else slice(None) for k in key[:2])]
         (y0, y1, sy), (x0, x1, sx) = (k.indices(n) for k, n in zip(key[:2], self.shape[:2]))
         if sy != 1 or sx != 1:  # napari and dask read contiguous blocks; a stride reads the block first
             return self[y0:y1, x0:x1][::sy, ::sx][(slice(None), slice(None), key[2])]
@@ -73,17 +93,12 @@ class LazyLevel:
 
 
 def slide_levels(path):
-    """(dask arrays per level, SlideSource, LazyLevel per level) of the slide at ``path``."""
-    import dask.array as da
-
+    """(LazyLevel per level, SlideSource) of the slide at ``path``."""
     from .wsi.slides import open_slide
 
     src = open_slide(path)
-    lock = threading.Lock()  # one file handle: readers are not all thread-safe
-    lazy = [LazyLevel(src, lv, lock) for lv in range(src.level_count)]
-    arrays = [da.from_array(lv, chunks=(CHUNK, CHUNK, 3), asarray=False, fancy=False, name=f"denuc-slide-{path}-{i}")
-              for i, lv in enumerate(lazy)]
-    return arrays, src, lazy
+    lock = threading.Lock()  # one file handle, and napari may slice from several threads
+    return [LazyLevel(src, lv, lock) for lv in range(src.level_count)], src
 
 
 def read_slide(path) -> list[tuple]:
@@ -92,7 +107,7 @@ def read_slide(path) -> list[tuple]:
     out = []
     for p in paths:
         p = Path(str(p))
-        arrays, src, _ = slide_levels(p)
+        arrays, src = slide_levels(p)
         meta = {
             "path": str(p),
             "slide": {"reader": src.reader, "level_downsamples": list(src.level_downsamples),
