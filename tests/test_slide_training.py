@@ -113,6 +113,15 @@ def test_list_csv_missing_column_named(tmp_path):
         read_slide_list(p)
 
 
+def test_cli_bad_list_is_one_line(tmp_path, capsys):
+    from napari_denuc.cli.train import main
+
+    p = _list_csv(tmp_path, [["a.tif", "0.5"]], header="slide,mpp")
+    assert main(["head", "--encoder", "lite", "--data", f"slides={p}", "--out", str(tmp_path / "h.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no 'points' column" in err and err.startswith("denuc-train: error:")
+
+
 def test_unreadable_slide_names_file_and_reader(tmp_path):
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"this is not a slide" * 100)
@@ -356,3 +365,41 @@ def test_cli_on_big_slide_bounded_memory(big_slide, tmp_path):
     head = LinearHead.load(out)
     assert head.class_names == ("tumour", "stromal")
     assert "big.tif: 2000 nuclei" in r.stderr
+
+
+# ----------------------------------------------------------------------------- slide geometry and cache
+def _position_slide(path, size=256, mpp=0.25):
+    """A 2-level pyramidal TIFF whose red channel is x and green channel is y (level-0 pixels)."""
+    import tifffile
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+    half = img.reshape(size // 2, 2, size // 2, 2, 3).mean(axis=(1, 3))
+    with tifffile.TiffWriter(path) as tif:
+        res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        tif.write(img, tile=(64, 64), photometric="rgb", subifds=1, metadata=None, **res)
+        tif.write(np.round(half).astype(np.uint8), tile=(64, 64), photometric="rgb", subfiletype=1, metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("mpp, level", [(0.25, 1), (0.5, 0), (0.4, 0)])
+def test_slide_features_geometry_and_cache(tmp_path, mpp, level):
+    """Features of a position encoder equal the level-0 points: right level, pixel-centre rule, resampling."""
+    from _encoder_helpers import PositionEncoder
+
+    from napari_denuc.wsi.slide_features import slide_features
+
+    slide = _position_slide(tmp_path / "pos.tif")
+    enc = PositionEncoder(stride=8, window=64, overlap=32, mpp=0.5, cache_dir=tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(24, 232, (200, 2))
+    stats = {}
+    f = slide_features(enc, slide, xy, mpp=mpp, stats=stats)
+    assert stats["level"] == level
+    # the map is the R/G value, i.e. the level-0 coordinate; uint8 rounding of the level-1 means
+    # and of the resampled pixels costs up to 0.5 px, plus the resampling's blur near a ramp end
+    np.testing.assert_allclose(f, xy, atol=0.75)
+    n = enc.windows_encoded
+    f2 = slide_features(enc, slide, xy, mpp=mpp)
+    assert enc.windows_encoded == n and np.array_equal(f, f2)  # the second query came from the slide's cache
+    assert any("slide-" in p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir())
