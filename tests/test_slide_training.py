@@ -326,7 +326,7 @@ def _rchar():
 # The baseline is taken once the libraries and models are loaded (a warm-up on a 64 px crop loads
 # torch, scipy, scikit-image, tiffslide and the bundled detector): the growth is what the slide costs.
 RSS_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 from napari_denuc.cli.train import main
 from napari_denuc.detection.checkpoint import load_detector
@@ -335,12 +335,12 @@ from napari_denuc.wsi.slides import open_slide
 with open_slide(sys.argv[-1]) as src:
     crop = src.read_level(0, 0, 0, 64, 64)
 LiteEncoder(load_detector(None)).window_features(crop, np.array([[30.0, 30.0]]))
-def rss():
+def status(key):  # VmHWM is this process's own peak; ru_maxrss would inherit the parent's at exec
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
-base = rss()
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+base = status("VmRSS")
 rc = main(sys.argv[1:-1])
-print("RC", rc, "GROWTH_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+print("RC", rc, "GROWTH_MB", status("VmHWM") - base)
 """
 
 

@@ -12,16 +12,16 @@ detector (the CLI default).
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-def rss_mb() -> float:
+def status_mb(key: str = "VmRSS") -> float:
+    """VmRSS (now) or VmHWM (this process's peak; ``ru_maxrss`` would include a parent's at exec)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
 
 
 def main():
@@ -70,12 +70,12 @@ def main():
     out = d / f"head_{args.spread}.safetensors"
     for p in (out, out.with_name(out.name + ".json")):
         p.unlink(missing_ok=True)
-    base = rss_mb()
+    base = status_mb()
     t0 = time.perf_counter()
     rc = train(["head", "--encoder", "lite", "--data", f"slides={d / 'LIST.csv'}", "--class-map", "Tumor=tumour,Stroma=stromal",
                 "--out", str(out)])
     print(json.dumps({"spread": args.spread, "points": len(pts), "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-                      "rss_growth_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1),
+                      "rss_growth_mb": round(status_mb("VmHWM") - base, 1),
                       "level0_pixels_read_mp": round(read["px"] / 1e6, 1), "slide_mp": round(8192 * 8192 / 1e6, 1)}))
 
 
