@@ -93,6 +93,9 @@ def test_class_map_every_branch():
         map_classes(["Necrosis"], None, targets=("tumor", "stromal"))
     with pytest.raises(DenucError, match="'neutrophil', which the head does not know"):
         map_classes(["Neutrophil"], {"Neutrophil": "neutrophil"}, targets=("tumor", "stromal"))
+    # retraining may grow a class the map names explicitly, after the head's own
+    assert map_classes(["Neutrophil", "tumor"], {"Neutrophil": "neutrophil"}, targets=("tumor", "stromal"), extend=True)[1] == (
+        "tumor", "stromal", "neutrophil")
     # no map, no head: QuPath names as they are, derived classes folded into their base
     assert map_classes(["B", "A: Positive", "A"])[1] == ("A", "B")
     with pytest.raises(DenucError, match="--class-map expects"):
@@ -160,8 +163,9 @@ def test_from_head_retrains_through_retrain_head(tmp_path, monkeypatch):
     from napari_denuc.head import LinearHead
 
     _, nuclei = _small_slide(tmp_path)
-    names = ["lymphocyte", "tumor", "stromal"]
+    names = ["lymphocyte", "tumor", "stromal", "neutrophil"]  # the bundled head's, plus a new one
     feats = [_feature(_point(x, y), ["Immune cells", "Tumor: Positive", "stromal"][i % 3]) for i, (x, y) in enumerate(nuclei[:30])]
+    feats += [_feature(_point(x, y), "Neutrophil") for x, y in nuclei[30:35]]
     _write_geojson(tmp_path / "s.geojson", feats)
     lst = _list_csv(tmp_path, [["s.tif", "s.geojson", ""]])
     seen = {}
@@ -173,18 +177,18 @@ def test_from_head_retrains_through_retrain_head(tmp_path, monkeypatch):
 
     monkeypatch.setattr(retrain, "retrain_head", spy)
     out = tmp_path / "new.safetensors"
-    rc = main(["head", "--encoder", "lite", "--data", f"slides={lst}", "--class-map", "Immune cells=lymphocyte,Tumor=tumor",
-               "--from-head", "bundled", "--out", str(out)])
+    cmap = "Immune cells=lymphocyte,Tumor=tumor,Neutrophil=neutrophil"
+    rc = main(["head", "--encoder", "lite", "--data", f"slides={lst}", "--class-map", cmap, "--from-head", "bundled", "--out", str(out)])
     assert rc == 0
     assert tuple(seen["names"]) == tuple(names) and isinstance(seen["old"], LinearHead)
-    assert seen["features"].shape == (30, 272) and np.bincount(seen["labels"]).tolist() == [10, 10, 10]
+    assert seen["features"].shape == (35, 272) and np.bincount(seen["labels"]).tolist() == [10, 10, 10, 5]
     head = LinearHead.load(out)
     assert head.class_names == tuple(names)
     meta = json.loads(out.with_name(out.name + ".json").read_text())
     assert "lite_head.safetensors" in json.dumps(meta)
     # the output is never overwritten
     assert main(["head", "--encoder", "lite", "--data", f"slides={lst}", "--from-head", "bundled", "--out", str(out),
-                 "--class-map", "Immune cells=lymphocyte,Tumor=tumor"]) == 2
+                 "--class-map", cmap]) == 2
 
 
 # ----------------------------------------------------------------------------- the round trip
@@ -376,7 +380,7 @@ def _position_slide(path, size=256, mpp=0.25):
     img = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
     half = img.reshape(size // 2, 2, size // 2, 2, 3).mean(axis=(1, 3))
     with tifffile.TiffWriter(path) as tif:
-        res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
         tif.write(img, tile=(64, 64), photometric="rgb", subifds=1, metadata=None, **res)
         tif.write(np.round(half).astype(np.uint8), tile=(64, 64), photometric="rgb", subfiletype=1, metadata=None)
     return path

@@ -30,7 +30,7 @@ def _is_pyramidal_tiff(path: Path) -> bool:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0] if tif.series else None
             return bool(series is not None and len(series.levels) > 1 and tif.pages[0].is_tiled)
-    except Exception:  # not a TIFF tifffile can parse: not ours
+    except Exception:  # noqa: BLE001 -- any parse failure means: not a slide, let napari try its readers
         return False
 
 

@@ -108,18 +108,20 @@ def retrain_from_samples(pipeline, old_head, samples, save_path, metadata=None):
     """Never-forget retraining of ``old_head`` from corrected nuclei (e.g. QuPath exports on slides).
 
     Features are read at the samples' points and handed, with their classes, to
-    ``retrain.retrain_head``, which starts from the old head's prior and adds the corrections.
-    The samples' classes must be the old head's (``data.slides.load_slides(class_names=...)``).
-    Returns what ``retrain_head`` returns (its ``.head`` is the new head, saved at ``save_path``).
+    ``retrain.retrain_head``, which starts from the old head and its prior sample and adds the
+    corrections. The samples' classes start with the old head's; any after them are new classes
+    (``data.slides.load_slides(class_names=old_head.class_names, extend=True)``).
+    Returns what ``retrain_head`` returns (``.head`` is the new head, saved at ``save_path``).
     """
     from pathlib import Path
 
+    from .results import default_colors
     from .retrain import retrain_head
 
-    names = tuple(old_head.class_names)
-    if any(tuple(s.class_names) != names for s in samples):
-        raise DenucError(f"the corrections' classes must be the head's ({', '.join(names)}); map them with --class-map")
+    old = tuple(old_head.class_names)
+    names = tuple(samples[0].class_names) if samples else old
+    if any(tuple(s.class_names) != names for s in samples) or names[: len(old)] != old:
+        raise DenucError(f"the corrections' classes must start with the head's ({', '.join(old)}); map them with --class-map")
     x, y = collect_features(pipeline, samples, desc="correction features")
-    meta = {"n_corrections": int(len(y))}
-    meta.update(metadata or {})
-    return retrain_head(old_head, x, y, names, tuple(old_head.class_colors), Path(save_path), metadata=meta)
+    colors = tuple(old_head.class_colors) + tuple(default_colors(len(names))[len(old):])
+    return retrain_head(old_head, x, y, names, colors, Path(save_path), metadata={"n_corrections": len(y), **(metadata or {})})

@@ -78,7 +78,7 @@ def _detector(args) -> int:
     return 0
 
 
-def _load_data(data, class_map, class_names, max_images: int):
+def _load_data(data, class_map, class_names, max_images: int, extend: bool = False):
     """(train, val) samples: named data sets by split; ``slides=LIST.csv`` entries train only."""
     from ..data import load_dataset
     from ..data.slides import load_slides
@@ -87,7 +87,7 @@ def _load_data(data, class_map, class_names, max_images: int):
     lists = [root for name, root in data if name == "slides"]
     train, val = [], []
     if lists:
-        train += load_slides(lists, class_map, class_names, log=lambda m: print(m, file=sys.stderr))
+        train += load_slides(lists, class_map, class_names, log=lambda m: print(m, file=sys.stderr), extend=extend)
     elif class_map:
         raise DenucError("--class-map applies to slides=LIST.csv data; rename the classes of other data sets in their files")
     for name, root in data:
@@ -137,10 +137,10 @@ def _head(args) -> int:
         old = LinearHead.load(src, encoder=encoder)
         if Path(args.out).exists():
             raise DenucError(f"{args.out} already exists; retrained heads are written to a new file")
-        train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images)
+        train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images, extend=True)
         res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data]})
-        n = sum(len(s.points) for s in train)
-        print(f"head ({', '.join(res.head.class_names)}) retrained from {src.name} with {n} corrected nuclei, written to {args.out}")
+        print(f"{src.name} updated with your corrections (classes: {', '.join(res.head.class_names)}).")
+        print(res.summary())
         return 0
     train, val = _load_data(data, class_map, None, args.max_images)
     if not train:

@@ -74,7 +74,7 @@ def base_name(name: str) -> str:
     return name.split(":", 1)[0].strip()
 
 
-def map_classes(names, class_map: dict | None = None, targets=None):
+def map_classes(names, class_map: dict | None = None, targets=None, extend: bool = False):
     """Map QuPath class names to head classes.
 
     Parameters
@@ -86,6 +86,9 @@ def map_classes(names, class_map: dict | None = None, targets=None):
     targets : sequence of str, optional
         The head's classes (e.g. those of the head being retrained). Without them the classes are
         the map's values (in map order) followed by any other names that pass through unmapped.
+    extend : bool
+        With ``targets``: classes that ``class_map`` maps to but the head lacks are appended as new
+        classes (retraining grows them) instead of being an error.
 
     Returns
     -------
@@ -117,7 +120,9 @@ def map_classes(names, class_map: dict | None = None, targets=None):
             mapping[n] = base_name(n)
     if fixed is not None:
         unknown = sorted({v for v in mapping.values() if v is not None and v not in fixed})
-        if unknown:
+        if unknown and extend:
+            fixed = fixed + tuple(v for v in dict.fromkeys(class_map.values()) if v in unknown)
+        elif unknown:
             raise DenucError(
                 f"--class-map maps to {', '.join(map(repr, unknown))}, which the head does not know "
                 f"(its classes: {', '.join(fixed)})"
@@ -167,11 +172,12 @@ def read_slide_list(path) -> list[tuple[Path, Path, float | None]]:
     return out
 
 
-def load_slides(list_paths, class_map: dict | None = None, class_names=None, log=print) -> list[SlideSample]:
+def load_slides(list_paths, class_map: dict | None = None, class_names=None, log=print, extend: bool = False) -> list[SlideSample]:
     """Read one or more LIST.csv files into :class:`SlideSample` s (points only; no pixels).
 
     Every slide is opened once, to check it can be read and to drop points outside it (with a
-    count); ``class_names`` fixes the classes (e.g. the head being retrained).
+    count); ``class_names`` fixes the classes (e.g. the head being retrained), and ``extend``
+    lets ``class_map`` add new ones after them (see :func:`map_classes`).
     """
     from ..io.points import read_points
     from ..wsi.slides import open_slide, resolve_mpp
@@ -181,7 +187,7 @@ def load_slides(list_paths, class_map: dict | None = None, class_names=None, log
     rows = [row for p in list_paths for row in read_slide_list(p)]
     dets = [read_points(pts, unclassified=UNCLASSIFIED) for _, pts, _ in rows]
     names = [n for d in dets for n in d.class_names]
-    mapping, classes = map_classes(names, class_map, class_names)
+    mapping, classes = map_classes(names, class_map, class_names, extend=extend)
     index = {n: k for k, n in enumerate(classes)}
     samples = []
     for (slide, pts_path, mpp), det in zip(rows, dets):
