@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import rescale_points
 
 
 def _windows(samples, window: int, n: int, rng):
@@ -104,7 +105,6 @@ def lora_finetune_to_files(encoder_name: str, samples, out, rank: int = 8, epoch
     from safetensors.torch import save_file
 
     from ..detection.infer import resample
-    from ..geometry import rescale_points
     from ..head import LinearHead
     from . import get_encoder
 
