@@ -16,18 +16,14 @@ hash of its pixels, which would mean reading the whole slide).
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import numpy as np
 
 from ..encoders.query import FeatureCache, ProgressFn, query_windows
 from ..errors import DenucError
+from ..io.naming import file_fingerprint
 from .slides import SlideSource, open_slide, resolve_mpp
 
 MPP_TOLERANCE = 1e-3  # relative: a level within 0.1% of the encoder's mpp is read as is
-_FINGERPRINT_BYTES = 1 << 20
 
 
 def _trim_heap() -> None:
@@ -49,20 +45,6 @@ def _trim_heap() -> None:
 
 
 _malloc_trim = None
-
-
-def slide_fingerprint(path) -> str:
-    """A cache key for a slide file: size plus its first and last MiB (cheap on a multi-GB file)."""
-    path = Path(path)
-    size = os.path.getsize(path)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        if size > _FINGERPRINT_BYTES:
-            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-            h.update(f.read(_FINGERPRINT_BYTES))
-    return h.hexdigest()
 
 
 def pick_level(source: SlideSource, mpp0: float, target_mpp: float) -> int:
@@ -172,7 +154,7 @@ def slide_features(encoder, source, xy, mpp: float | None = None, progress: Prog
         windows = SlideWindows(src, mpp0, encoder.mpp)
         store = None
         if cache and getattr(encoder, "cache_dir", None) and hasattr(encoder, "encode_windows"):
-            key = f"slide-{slide_fingerprint(src.path)}-L{windows.level}"
+            key = f"slide-{file_fingerprint(src.path, digest_size=16)}-L{windows.level}"
             store = FeatureCache(encoder.cache_dir, encoder.id, key, mpp0)
         feats = query_windows(encoder, windows.shape, windows.to_virtual(xy), windows.crop, store, progress)
         _trim_heap()
