@@ -45,7 +45,7 @@ def build_parser():
     h.add_argument("--class-map", metavar="MAP", help='QuPath class name -> head class for slides=, e.g. "Tumor=tumour,Immune cells=lymphocyte,Necrosis=" '
                    "(empty: ignore); derived classes (Tumor: Positive) follow their base name")
     h.add_argument("--from-head", metavar="PATH|bundled", help="retrain this head from the corrections, keeping what it knew "
-                   "(never-forget retraining, as in the napari widget); --out must be a new file")
+                   "(never-forget retraining, as in the napari widget; bundled: the head shipped for --encoder); --out must be a new file")
     h.add_argument("--detector", help="detector checkpoint (default: bundled); used by lite and for --background")
     h.add_argument("--out", required=True, help="head file to write (.safetensors + .json sidecar)")
     h.add_argument("--background", action="store_true", help="add a background class trained on detections that match no nucleus")
@@ -131,7 +131,9 @@ def _head(args) -> int:
     encoder = get_encoder(args.encoder, detector=detector.model, weights=args.encoder_weights, device=args.device)
     pipe = Pipeline(detector, encoder)
     if args.from_head:
-        src = bundled_head_path() if args.from_head == "bundled" else Path(args.from_head)
+        src = bundled_head_path(args.encoder) if args.from_head == "bundled" else Path(args.from_head)
+        if src is None:
+            raise DenucError(f"no head is shipped for the encoder {args.encoder!r}; give --from-head PATH")
         if not src.is_file():
             raise DenucError(f"head not found: {src}")
         old = LinearHead.load(src, encoder=encoder)
