@@ -30,9 +30,10 @@ import numpy as np
 
 from .errors import DenucError
 
-CORRECTION_WEIGHT = 20.0  # chosen with training/bench_adapt.py (docs/benchmarks.md)
+CORRECTION_WEIGHT = 5.0  # chosen with training/bench_adapt.py: x20 overfitted the corrected tiles (docs/benchmarks.md)
 ANCHOR = 0.03  # pull toward the old weights (same scale as the heads' weight decay)
 PRIOR_SIZE = 6000  # nuclei in a head's prior sample (fp16: ~6 MB for 512-d features)
+NEW_CLASS_SHARE = 0.05  # least total weight of a new class's examples, as a share of the prior
 MIN_CV_EXAMPLES = 20  # below this many user nuclei a cross-validated accuracy is noise
 MAX_FOLDS = 5
 
@@ -123,10 +124,20 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
         to_new = _relabel(np.arange(old_head.num_classes), old_head.class_names, names)  # old class i -> new index
     targets = np.eye(k, dtype=np.float32)[y]
     n_prior = len(prior[1]) if prior is not None else 0
+    known = np.ones(k, dtype=bool)  # classes the prior speaks about
+    if old_head is not None:
+        known[:] = False
+        known[to_new] = True
     # Each correction counts ``correction_weight`` times, but all of them together never
     # outweigh the prior: the head must keep working where the user said nothing.
     weight = min(float(correction_weight), max(n_prior, PRIOR_SIZE) / max(len(y), 1))
     w = np.full(len(y), weight, dtype=np.float32)
+    # A class the user just added has no prior to lean on: its few examples together weigh at
+    # least NEW_CLASS_SHARE of the prior, or five labelled plasma cells would never win a nucleus.
+    for c in np.flatnonzero(~known):
+        mine = y == c
+        if mine.any():
+            w[mine] = max(weight, NEW_CLASS_SHARE * max(n_prior, PRIOR_SIZE) / mine.sum())
     if n_prior:
         px = np.asarray(prior[0], np.float32)
         if old_head is not None:
@@ -161,7 +172,7 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
     tt = torch.from_numpy(targets)
     # Normalised as if the prior held at least PRIOR_SIZE examples: without a prior sample, a few
     # corrections are a few examples among the many the old head was fitted on, a small step.
-    wt = torch.from_numpy(w / max(float(w.sum()), PRIOR_SIZE + weight * len(y)))
+    wt = torch.from_numpy(w / max(float(w.sum()), PRIOR_SIZE + float(w[n_prior:].sum())))
     lin = torch.nn.Linear(dim, k)
     with torch.no_grad():
         lin.weight.copy_(w0)
@@ -169,9 +180,16 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iterations, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_change=1e-9)
 
+    # On the prior, the softmax runs over the classes the old head knew: its silence about a
+    # class the user just added is no evidence against that class (as in Learning without Forgetting).
+    unknown = torch.from_numpy(~known)
+    is_prior = torch.arange(len(xt)) < n_prior
+
     def closure():
         opt.zero_grad()
-        ce = torch.nn.functional.cross_entropy(lin(xt), tt, reduction="none")
+        z = lin(xt)
+        z = torch.where(is_prior[:, None] & unknown[None, :], torch.full_like(z, -1e4), z)
+        ce = torch.nn.functional.cross_entropy(z, tt, reduction="none")
         # The bias is anchored too: otherwise its optimum is the corrections' alone, whatever their weight.
         loss = (ce * wt).sum() + 0.5 * anchor * (((lin.weight - w0) ** 2).sum() + ((lin.bias - b0) ** 2).sum())
         loss.backward()
