@@ -40,8 +40,9 @@ def sample_image():
 @pytest.fixture
 def env(tmp_path, monkeypatch, gt, sample_image):
     """DENUC_HOME in tmp, and the widget's pipeline factory builds the fake pipeline."""
-    from napari_denuc.widget import _widget
     from napari_fakes import fake_head, fake_pipeline
+
+    from napari_denuc.widget import _widget
 
     monkeypatch.setenv("DENUC_HOME", str(tmp_path / "home"))
     head = fake_head(gt[0], gt[1], sample_image)
@@ -100,8 +101,9 @@ def saved_state(home):
 # ------------------------------------------------------------------------- the whole loop
 def test_menu_path_end_to_end(make_napari_viewer, qtbot, env, gt):
     """detect -> add 2 -> delete 2 -> relabel 5 -> move 1 -> retrain -> export -> close -> reopen."""
-    from napari_denuc.io.points import read_points
     from napari_fakes import User, empty_spots
+
+    from napari_denuc.io.points import read_points
 
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(*SAMPLE)
@@ -205,3 +207,406 @@ def test_menu_path_end_to_end(make_napari_viewer, qtbot, env, gt):
         assert np.hypot(*(lyr2.data - rc).T).min() > 2.0
     edited = lyr2.features["source"].astype(str).to_numpy() == "edited"
     assert edited.sum() == (expect_src == "edited").sum()
+
+
+# ------------------------------------------------------------------------- layer identity
+def test_class_stays_categorical_through_add_paste_delete(opened, qtbot, gt, env):
+    import pandas as pd
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n0 = len(lyr.data)
+    for rc in empty_spots(gt[0], 3, seed=5):
+        user.add_at(lyr, rc)
+    user.select(lyr, lyr.data[-1])
+    user.key(Qt.Key_C, Qt.ControlModifier)
+    user.key(Qt.Key_V, Qt.ControlModifier)  # napari pastes a copy of the selected nucleus
+    assert len(lyr.data) == n0 + 4
+    user.select(lyr, lyr.data[5])
+    user.key(Qt.Key_Delete)
+    f = lyr.features
+    assert len(lyr.data) == n0 + 3
+    assert isinstance(f["class"].dtype, pd.CategoricalDtype) and list(f["class"].cat.categories) == list(w.class_names())
+    assert isinstance(f["source"].dtype, pd.CategoricalDtype)
+    assert f["nid"].is_unique
+    # every widget action still knows the layer (the symptoms of issue 8, item 2)
+    assert w.legend_checks and "total" in w.legend.text()
+    lyr.selected_data = set(range(10))
+    qtbot.mouseClick(w.set_class_btn, Qt.LeftButton)
+    assert (f := lyr.features)["source"].astype(str).iloc[:10].eq("edited").all()
+    user.select(lyr, lyr.data[20])
+    user.key(Qt.Key_R)
+    assert lyr.features["reviewed"].iloc[20]
+    out = w.export_points(env["tmp"] / "x.csv")
+    assert out.is_file() and len(out.read_text().splitlines()) == len(lyr.data) + 1
+
+
+def test_keys_undo_redo_never_lose_later_work(opened, qtbot, gt):
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    start = (lyr.data.copy(), lyr.features.copy())
+    user.select(lyr, lyr.data[3])
+    user.key(Qt.Key_3)  # relabel
+    user.add_at(lyr, empty_spots(gt[0], 1, seed=9)[0])  # add
+    src = lyr.data[7].copy()
+    user.select(lyr, src)
+    user.drag(src, src + (5, 0))  # move
+    qtbot.wait(400)
+    end = (lyr.data.copy(), lyr.features.copy())
+    assert len(end[0]) == len(start[0]) + 1
+    # Ctrl+Z while the points layer is active: the move, the add, the relabel, one by one
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    np.testing.assert_allclose(lyr.data[7], src)
+    assert len(lyr.data) == len(end[0])  # the added nucleus is still there
+    assert lyr.features["class"].iloc[3] == "stromal"  # and the relabel too
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    np.testing.assert_array_equal(lyr.data, start[0])
+    np.testing.assert_array_equal(classes(lyr), start[1]["class"].astype(str).to_numpy())
+    assert (lyr.features["source"].astype(str) == "model").all()
+    for _ in range(3):
+        user.key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    np.testing.assert_allclose(lyr.data, end[0])
+    np.testing.assert_array_equal(classes(lyr), end[1]["class"].astype(str).to_numpy())
+
+
+# ------------------------------------------------------------------------- re-detection
+def test_redetect_keeps_deleted_deleted_and_user_nuclei(opened, qtbot):
+    from napari_fakes import User
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n0 = len(lyr.data)
+    gone = [lyr.data[i].copy() for i in (1, 2, 3, 4, 5)]
+    for rc in gone:
+        user.select(lyr, rc)
+        user.key(Qt.Key_Delete)
+    user.select(lyr, lyr.data[30])
+    user.key(Qt.Key_1)
+    relabelled = lyr.data[30].copy()
+    lyr = detect(qtbot, w)
+    assert len(lyr.data) == n0 - 5
+    for rc in gone:
+        assert np.hypot(*(lyr.data - rc).T).min() > 2.0
+    i = nearest(lyr, relabelled)
+    assert lyr.features["class"].iloc[i] == "lymphocyte" and lyr.features["source"].iloc[i] == "edited"
+    assert "5 deleted nuclei stay deleted" in w.status.text()
+
+
+# ------------------------------------------------------------------------- import
+def test_import_asks_replace_or_merge_keeps_flags_and_undoes_in_one_step(opened, qtbot, env):
+    from napari_denuc.results import Detections
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    lyr.selected_data = {3}
+    w.mark_selected_reviewed()
+    path = w.export_points(env["tmp"] / "mine.geojson")
+    before = (lyr.data.copy(), classes(lyr), lyr.features["reviewed"].to_numpy().copy())
+    # the user then deletes 10 nuclei and relabels one more
+    lyr.selected_data = set(range(10, 20))
+    lyr.remove_selected()
+    lyr.selected_data = {40}
+    w.set_class_of_selected("tumor")
+    mid = (lyr.data.copy(), classes(lyr))
+    lyr2 = w.import_points(path, mode="merge")
+    assert L_token(lyr2) == L_token(lyr)
+    assert len(lyr.data) == len(before[0])  # the 10 deleted ones come back from the file
+    i40 = nearest(lyr, mid[0][40])
+    assert classes(lyr)[i40] == "tumor"  # merge never overrides the user's later edit
+    w.undo()  # one step
+    np.testing.assert_array_equal(lyr.data, mid[0])
+    np.testing.assert_array_equal(classes(lyr), mid[1])
+    w.import_points(path, mode="replace")
+    np.testing.assert_allclose(lyr.data, before[0], atol=1e-3)
+    np.testing.assert_array_equal(classes(lyr), before[1])
+    if "reviewed" in getattr(Detections, "__dataclass_fields__", {}):  # files carry the flags (GeoJSON measurements)
+        np.testing.assert_array_equal(lyr.features["reviewed"].to_numpy(), before[2])
+    w.undo()
+    np.testing.assert_array_equal(lyr.data, mid[0])
+
+
+def L_token(lyr):
+    from napari_denuc.widget import layer as L
+
+    return L.token_of(lyr)
+
+
+# ------------------------------------------------------------------------- retrain
+def label_like_gt(w, lyr, labels, idx):
+    for k, name in enumerate(("lymphocyte", "tumor", "stromal")):
+        lyr.selected_data = set(idx[labels[idx] == k].tolist())
+        if lyr.selected_data:
+            w.set_class_of_selected(name)
+
+
+def test_retrain_shows_before_after_and_keep_or_discard(opened, qtbot, gt, env):
+    from pathlib import Path
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    xy = lyr.data[:, ::-1]
+    # the user labels every 4th nucleus with its true class (nearest ground truth)
+    from scipy.spatial import cKDTree
+
+    _, j = cKDTree(gt[0]).query(xy)
+    labels = gt[1][j]
+    label_like_gt(w, lyr, labels, np.arange(0, len(xy), 4))
+    head0, path0 = w.pipeline.head, w.head_path
+    cls0 = classes(lyr)
+    enc_points = w.pipeline.encoder.n_points
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    p = w.pending_retrain
+    assert p is not None, w.status.text()
+    assert w.pipeline.encoder.n_points == enc_points  # every feature came from the detection's memo
+    # what the report says is what would happen
+    res = p["result"]
+    f = lyr.features
+    open_rows = ~(f["reviewed"].to_numpy() | (f["source"].astype(str) == "edited").to_numpy())
+    feats = w.pipeline.features_at(viewer.layers["BRCA-M2C sample"].data, xy[open_rows], 0.5)
+    would = np.asarray(res.head.predict(feats))
+    n_change = int((would != f["class"].cat.codes.to_numpy()[open_rows]).sum())
+    assert f"{n_change} of {int(open_rows.sum())} unedited, unreviewed nuclei would change class" in w.retrain_report.text()
+    # discard: nothing changed, the file is gone
+    qtbot.mouseClick(w.discard_btn, Qt.LeftButton)
+    assert w.pipeline.head is head0 and w.head_path == path0
+    np.testing.assert_array_equal(classes(lyr), cls0)
+    assert not Path(res.path).exists()
+    # retrain again and keep
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    res = w.pending_retrain["result"]
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert w.pipeline.head is res.head and Path(w.head_path).is_file()
+    assert Path(w.head_path).parent == env["home"] / "heads"
+    now = lyr.features
+    np.testing.assert_array_equal(now["class"].cat.codes.to_numpy()[open_rows], would)
+    np.testing.assert_array_equal(classes(lyr)[~open_rows], cls0[~open_rows])  # the user's word stands
+    # undo the keep: the old head and every class come back exactly
+    w.undo()
+    assert w.pipeline.head is head0
+    np.testing.assert_array_equal(classes(lyr), cls0)
+
+
+def test_failed_retrain_changes_nothing(opened, qtbot, monkeypatch, gt):
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    label_like_gt(w, lyr, gt[1][: len(lyr.data)] if len(gt[1]) >= len(lyr.data) else np.zeros(len(lyr.data), int),
+                  np.arange(0, len(lyr.data), 5))
+    cls = classes(lyr)
+    head = w.pipeline.head
+    n_undo = len(w._history(lyr).undo_stack)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(head), "save", boom)
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pipeline.head is head and w.pending_retrain is None
+    assert "unchanged" in w.status.text() or "disk on fire" in w.status.text()
+    np.testing.assert_array_equal(classes(lyr), cls)
+    assert len(w._history(lyr).undo_stack) == n_undo
+
+
+# ------------------------------------------------------------------------- review queue
+def test_review_queue_keys(opened, qtbot):
+    from napari_fakes import User, camera
+
+    from napari_denuc.widget import layer as L
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n = len(lyr.data)
+    m = L.margins(lyr.features, L.class_names(lyr))
+    order = np.argsort(m, kind="stable")
+    user.key(Qt.Key_N)
+    assert lyr.selected_data == {int(order[0])}
+    np.testing.assert_allclose(camera(viewer).center[-2:], lyr.data[order[0]], atol=1e-6)
+    user.key(Qt.Key_2)  # tumor, reviewed, next
+    assert lyr.features["class"].iloc[order[0]] == "tumor" and lyr.features["reviewed"].iloc[order[0]]
+    assert lyr.selected_data == {int(order[1])}
+    user.key(Qt.Key_R)  # confirm, next
+    assert lyr.features["reviewed"].iloc[order[1]]
+    assert lyr.selected_data == {int(order[2])}
+    assert w.review_label.text() == f"reviewed 2 / {n}, next confidence {m[order[2]]:.2f}"
+    user.key(Qt.Key_N, Qt.ShiftModifier)  # back
+    assert lyr.selected_data == {int(order[1])}
+    # only predicted stromal
+    w.review_filter.setCurrentText("stromal")
+    w.review_next()
+    i = next(iter(lyr.selected_data))
+    assert lyr.features["class"].iloc[i] == "stromal" and not lyr.features["reviewed"].iloc[i]
+    stromal_m = np.where((classes(lyr) == "stromal") & ~lyr.features["reviewed"].to_numpy(), m, np.inf)
+    assert i == int(np.argmin(stromal_m))
+
+
+# ------------------------------------------------------------------------- threshold
+def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    pipe = w.pipeline
+    calls = pipe.detector.calls
+    n_enc = pipe.encoder.calls
+    tau0 = w.tau_spin.value()
+    n0 = len(lyr.data)
+    # review one low-scoring nucleus: re-thresholding must never remove it
+    low = int(np.argmin(lyr.features["score"].to_numpy()))
+    lyr.selected_data = {low}
+    w.mark_selected_reviewed()
+    kept_rc = lyr.data[low].copy()
+    w.tau_spin.setValue(0.8)
+    assert pipe.detector.calls == calls and pipe.encoder.calls == n_enc  # no network run
+    xy_hi, _ = pipe.detect(sample_image, 0.5, tau=0.8)
+    model = lyr.features["source"].astype(str).to_numpy() == "model"
+    unrev = model & ~lyr.features["reviewed"].to_numpy()
+    got = {tuple(np.round(p, 3)) for p in lyr.data[unrev][:, ::-1]}
+    want = {tuple(np.round(p, 3)) for p in xy_hi} - {tuple(np.round(kept_rc[::-1], 3))}
+    assert got == want  # exactly the nuclei a detection at 0.8 finds
+    assert np.hypot(*(lyr.data - kept_rc).T).min() < 1e-6
+    assert str(len(xy_hi)) in w.tau_count.text()
+    w.tau_spin.setValue(0.7)
+    assert [a.label for a in w._history(lyr).undo_stack[-2:]] == ["reviewed", "threshold"]  # moves coalesce
+    w.undo()
+    assert len(lyr.data) == n0 and w._history(lyr).undo_stack[-1].label == "reviewed"
+    assert lyr.features["reviewed"].iloc[low]
+
+
+# ------------------------------------------------------------------------- regions, levels, formats
+def test_field_of_view_and_shapes_roi(opened, qtbot, gt):
+    from napari_fakes import camera
+
+    viewer, w = opened
+    camera(viewer).center = (0, 150, 150)
+    camera(viewer).zoom = 6
+    qtbot.wait(100)
+    w.scope_combo.setCurrentText("Current field of view")
+    lyr = detect(qtbot, w)
+    n_fov = len(lyr.data)
+    assert 0 < n_fov < len(gt[0])
+    corners = viewer.layers["BRCA-M2C sample"].corner_pixels
+    rc = lyr.data
+    assert (rc >= corners[0][-2:] - 1).all() and (rc <= corners[1][-2:] + 1).all()
+    w.undo()
+    assert len(lyr.data) == 0
+    viewer.add_shapes([np.array([[0, 0], [0, 200], [200, 200], [200, 0]])], shape_type="polygon", name="roi")
+    w.scope_combo.setCurrentText("Inside Shapes ROI")
+    lyr = detect(qtbot, w)
+    xy = lyr.data[:, ::-1]
+    assert len(xy) and (xy <= 200).all()
+
+
+def test_multiscale_uses_level_nearest_model_mpp(make_napari_viewer, qtbot, env, gt, sample_image):
+    from napari_denuc.geometry import rescale_points
+    from napari_denuc.widget._widget import DenucWidget
+
+    up = np.repeat(np.repeat(sample_image, 2, 0), 2, 1)  # "40x": 0.25 mpp; level 1 is the 20x image
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image([up, sample_image], rgb=True, multiscale=True, name="pyramid", metadata={"mpp": 0.25})
+    w = open_widget(viewer, qtbot)
+    arr, f = DenucWidget._level_for(viewer.layers["pyramid"], 0.5, 0.25)
+    assert f == 2 and arr.shape == sample_image.shape
+    lyr = detect(qtbot, w)
+    # detection ran on level 1 and its points map to full resolution by the pixel-centre rule
+    xy_level, _ = w.pipeline.detect(sample_image, 0.5, tau=w.tau_spin.value())
+    np.testing.assert_allclose(np.sort(lyr.data[:, ::-1], 0), np.sort(rescale_points(xy_level, 2.0), 0), atol=1e-6)
+
+
+def test_rgba_and_16_bit_images_go_through_the_pipeline(make_napari_viewer, qtbot, env, sample_image):
+    viewer = make_napari_viewer(show=True)
+    rgba = np.concatenate([sample_image, np.full(sample_image.shape[:2] + (1,), 255, np.uint8)], 2)
+    viewer.add_image(rgba, rgb=True, name="rgba", metadata={"mpp": 0.5})
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    assert len(lyr.data) > 200
+    viewer.add_image(sample_image.astype(np.uint16) * 257, rgb=True, name="sixteen", metadata={"mpp": 0.5})
+    w.image_combo.setCurrentText("sixteen")
+    lyr16 = detect(qtbot, w)
+    assert lyr16.name == "sixteen nuclei" and len(lyr16.data) == len(lyr.data)
+
+
+# ------------------------------------------------------------------------- looks, layout, loading
+def test_layout_looks_and_public_api(make_napari_viewer, qtbot, env):
+    from napari_denuc.encoders import list_encoders
+    from napari_denuc.widget import layer as L
+    from napari_denuc.widget._widget import KEYS_HELP
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 720)
+    viewer.open_sample(*SAMPLE)
+    w = open_widget(viewer, qtbot)
+    qtbot.wait(50)
+    assert w.width() <= 0.3 * 1280
+    assert not w.models.body.isVisible()  # rarely used settings fold away
+    assert [w.encoder_combo.itemText(i) for i in range(w.encoder_combo.count())][1:] == list_encoders()
+    lyr = detect(qtbot, w)
+    assert lyr.help == KEYS_HELP and viewer.help == KEYS_HELP
+    lyr.mode = "add"
+    lyr.mode = "select"
+    assert lyr.help == KEYS_HELP
+    assert (lyr.face_color[:, 3] < 0.6).all()  # semi-transparent faces
+    np.testing.assert_allclose(lyr.size, L.MARKER_DIAMETER_UM / 0.5)
+    lyr.selected_data = {0}
+    w.mark_selected_reviewed()
+    np.testing.assert_allclose(lyr.border_color[0], L.REVIEWED_BORDER)
+    np.testing.assert_allclose(lyr.border_color[1], L.UNREVIEWED_BORDER)
+    # legend: show/hide a class
+    w.legend_checks["tumor"].setChecked(False)
+    tumor = classes(lyr) == "tumor"
+    np.testing.assert_array_equal(lyr.shown, ~tumor)
+    w.legend_checks["tumor"].setChecked(True)
+    assert lyr.shown.all()
+    # confidence view
+    w.confidence_check.setChecked(True)
+    conf = lyr.features["confidence"].to_numpy()
+    hi, lo = int(np.argmax(conf)), int(np.argmin(conf))
+    assert not np.allclose(lyr.face_color[hi], lyr.face_color[lo])
+    w.confidence_check.setChecked(False)
+    cm = L.color_map(L.class_names(lyr), L.class_colors(lyr))
+    np.testing.assert_allclose(lyr.face_color[0], cm[classes(lyr)[0]], atol=1e-6)
+    # marker size in micrometres
+    w.size_spin.setValue(10.0)
+    np.testing.assert_allclose(lyr.size, 20.0)
+
+
+def test_loading_models_then_detect_starts(make_napari_viewer, qtbot, env, monkeypatch, gt, sample_image):
+    import time as _time
+
+    from napari_fakes import fake_pipeline
+
+    from napari_denuc.widget import _widget
+
+    def slow(detector=None, encoder=None, head=None):
+        _time.sleep(1.0)
+        return fake_pipeline(gt[0], gt[1], sample_image)
+
+    monkeypatch.setattr(_widget, "make_pipeline", slow)
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(*SAMPLE)
+    _, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    assert w._loading and w.progress_bar.format() == "loading models…"
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)  # pressed while loading: runs when the models are in
+    qtbot.waitUntil(lambda: not w.is_busy() and w.points_layer() is not None, timeout=30000)
+    assert len(w.points_layer().data) > 200
+    assert not w._loading and w.progress_bar.value() == 100
+
+
+def test_cancel_leaves_everything(opened, qtbot):
+    viewer, w = opened
+    w.pipeline.detector.slow_s = 3.0
+    w.run_detection()
+    qtbot.wait(300)
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=10000)
+    assert w.points_layer() is None
+    assert "Cancelled" in w.status.text()

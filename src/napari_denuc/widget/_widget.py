@@ -566,8 +566,7 @@ class DenucWidget(QWidget):
             for lyr in mine:
                 if L.token_of(lyr) == active_token:
                     return lyr
-            if mine:
-                return mine[-1]
+            return mine[-1] if mine else None  # never another image's nuclei
         for lyr in ours:
             if L.token_of(lyr) == active_token:
                 return lyr
@@ -995,6 +994,8 @@ class DenucWidget(QWidget):
                 lyr.face_color = "confidence"
                 lyr.face_contrast_limits = (0.3, 1.0)
             else:
+                # napari validates a new property against the current (colormap) mode: leave it first
+                lyr.face_color_mode = "direct"
                 lyr.face_color = "class"
                 lyr.face_color_cycle = L.color_map(L.class_names(lyr), L.class_colors(lyr))
                 lyr.refresh_colors(update_color_mapping=False)
