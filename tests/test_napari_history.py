@@ -249,3 +249,23 @@ def test_palette_is_colour_blind_safe_and_clear_of_selection_blue():
     assert cols == L.PALETTE[:3]
     mine = ((1, 2, 3), (4, 5, 6), (7, 8, 9))
     assert L.display_colors(NAMES, mine) == mine  # the user's colours win
+
+
+def test_rethreshold_of_cached_candidates_equals_detect_at_higher_tau():
+    """The claim the threshold control rests on, with the bundled detector on the sample tile:
+    greedy NMS output at a low tau, filtered at a higher tau, is NMS at the higher tau."""
+    from napari_denuc._sample_data import make_sample_data
+    from napari_denuc.detection.checkpoint import bundled_detector_path, load_detector
+
+    if not bundled_detector_path().is_file():
+        pytest.skip("no bundled detector")
+    det = load_detector()
+    image = make_sample_data()[0][0][:512, :512]
+    xy_lo, s_lo = det.detect(image, 0.5, tau=0.3)
+    for tau in (0.4, det.tau, 0.7):
+        xy_hi, s_hi = det.detect(image, 0.5, tau=tau)
+        keep = s_lo > tau
+        assert len(xy_hi) > 20
+        np.testing.assert_array_equal(np.sort(xy_lo[keep], 0), np.sort(xy_hi, 0))
+        np.testing.assert_array_equal(np.sort(s_lo[keep]), np.sort(s_hi))
+    assert len(xy_lo) > len(det.detect(image, 0.5, tau=0.7)[0])  # the floor really holds more candidates
