@@ -1549,8 +1549,11 @@ class DenucWidget(QWidget):
         b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
         n_eval = getattr(res, "n_eval", None)
         if b is not None and a is not None:
-            on = f" on the same {n_eval} held-out nuclei" if n_eval else " on the same held-out folds"
-            lines.append(f"Accuracy{on}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
+            if hasattr(res, "n_eval"):  # both heads scored on the same held-out folds of your nuclei
+                on = f" on the same {n_eval} held-out nuclei of yours" if n_eval else " on the same held-out folds"
+                lines.append(f"Accuracy{on}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
+            else:  # an older retrain_head: the two figures are not measured the same way
+                lines.append(f"Accuracy on your nuclei: old head {100 * b:.1f}% (as is), new head {100 * a:.1f}% (cross-validated).")
             if a < b:
                 lines.append("The new head is worse on your nuclei: discarding it is advised.")
         else:
