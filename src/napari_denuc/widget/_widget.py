@@ -197,15 +197,17 @@ class DenucWidget(QWidget):
         outer.addWidget(scroll)
         inner = QWidget()
         scroll.setWidget(inner)
+        self._scroll, self._inner = scroll, inner
         root = QVBoxLayout(inner)
         self.setMaximumWidth(MAX_DOCK_WIDTH)
         self.setMinimumWidth(260)
 
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)  # a narrow dock puts fields under their labels
         self.image_combo = QComboBox()
         self.image_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.image_combo.setMinimumContentsLength(10)
+        self.image_combo.setMinimumContentsLength(8)
         self.image_combo.currentTextChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_combo)
         self.mpp_spin = QDoubleSpinBox()
@@ -234,14 +236,17 @@ class DenucWidget(QWidget):
         )
         self.tau_spin.valueChanged.connect(self._on_tau_changed)
         self.tau_count = QLabel("")
+        self.tau_count.setWordWrap(True)
+        self.tau_count.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         tau_row.addWidget(self.tau_spin)
-        tau_row.addWidget(self.tau_count, 1)
         form.addRow("Threshold τ", tau_row)
+        form.addRow(self.tau_count)
         root.addLayout(form)
 
         self.models = _Collapsible("Models")
         mform = QFormLayout(self.models.body)
         mform.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        mform.setRowWrapPolicy(QFormLayout.WrapLongRows)
         det_row = QHBoxLayout()
         self.detector_label = QLabel("bundled")
         b = QPushButton("…")
@@ -333,7 +338,6 @@ class DenucWidget(QWidget):
         self.size_spin.setToolTip("Marker diameter in micrometres (drawn at the image's resolution)")
         self.size_spin.valueChanged.connect(lambda _v: self._apply_marker_size())
         view_row.addWidget(self.confidence_check, 1)
-        view_row.addWidget(QLabel("Size"))
         view_row.addWidget(self.size_spin)
         v.addLayout(view_row)
         root.addWidget(box)
@@ -353,9 +357,13 @@ class DenucWidget(QWidget):
         self.review_filter.setToolTip("Review only nuclei predicted as this class")
         row.addWidget(self.prev_btn)
         row.addWidget(self.next_btn, 1)
-        row.addWidget(self.review_filter)
+        v.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Queue"))
+        row.addWidget(self.review_filter, 1)
         v.addLayout(row)
         self.review_label = QLabel("")
+        self.review_label.setWordWrap(True)
         v.addWidget(self.review_label)
         row = QHBoxLayout()
         self.review_btn = QPushButton("Reviewed (r)")
@@ -916,7 +924,7 @@ class DenucWidget(QWidget):
         self._flush_moves()
         self._write(lyr, features=L.with_flags(lyr.features, sel, reviewed=True), rows=sel)
         self._record(lyr, "reviewed")
-        self._set_status(f"{len(sel)} nuclei marked reviewed.")
+        self._set_status(f"{len(sel)} {'nucleus' if len(sel) == 1 else 'nuclei'} marked reviewed.")
         self._advance_review(lyr, sel)
 
     def _resolve(self, lyr):
@@ -990,7 +998,7 @@ class DenucWidget(QWidget):
                 cb.setStyleSheet(f"QCheckBox {{ color: rgb({r},{g},{b}); font-weight: bold; }}")
                 cb.setToolTip(f"Show or hide {name}; key {k + 1} sets it" if k < 9 else f"Show or hide {name}")
                 self.legend_checks[name] = cb
-                self.legend_grid.addWidget(cb, k // 2, k % 2)
+                self.legend_grid.addWidget(cb, k, 0)
         if lyr is None:
             self.legend.setText("")
             return
@@ -1106,7 +1114,7 @@ class DenucWidget(QWidget):
         if c is None:
             self.tau_count.setText("")
             return
-        self.tau_count.setText(f"{c.count(self.tau_spin.value())} detections (cached ≥ {c.tau_floor:.2f})")
+        self.tau_count.setText(f"{c.count(self.tau_spin.value())} kept (candidates cached down to τ {c.tau_floor:.2f})")
 
     def _on_tau_changed(self, value):
         if self._setting_params:

@@ -48,7 +48,7 @@ PALETTE = (
     (120, 120, 120),  # grey
 )
 REVIEWED_BORDER = (1.0, 1.0, 1.0, 1.0)
-UNREVIEWED_BORDER = (0.0, 0.0, 0.0, 0.6)
+UNREVIEWED_BORDER = (0.0, 0.0, 0.0, 0.3)
 
 
 def prob_column(name: str) -> str:
