@@ -121,7 +121,7 @@ class User:
         h, w = self.native.height(), self.native.width()
         cam = camera(self.viewer)
         s = (np.asarray(rc, float) - np.asarray(cam.center[-2:])) * cam.zoom + np.array([h, w]) / 2
-        return QPoint(int(round(s[1])), int(round(s[0])))
+        return QPoint(round(float(s[1])), round(float(s[0])))
 
     def look_at(self, rc, zoom=4.0):
         camera(self.viewer).center = tuple(float(v) for v in rc)

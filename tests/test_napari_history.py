@@ -218,7 +218,7 @@ def test_import_merge_keeps_flags_and_user_nuclei():
     d2, f2, _, added, skipped = E.import_table(d, f, imp, "merge", radius_px=3.0, next_nid=nxt, source=src, reviewed=rev)
     assert skipped == 1 and added == 9 and len(d2) == 10
     assert f2["class"].iloc[0] == "tumor"  # the user's nucleus stands
-    d3, f3, _, added, _ = E.import_table(d, f, imp, "replace", radius_px=3.0, next_nid=nxt, source=src, reviewed=rev)
+    _, f3, _, added, _ = E.import_table(d, f, imp, "replace", radius_px=3.0, next_nid=nxt, source=src, reviewed=rev)
     assert added == 10 and list(f3["reviewed"]) == list(rev) and list(f3["source"].astype(str)) == list(src)
 
 

@@ -303,7 +303,7 @@ def test_redetect_keeps_deleted_deleted_and_user_nuclei(opened, qtbot):
 def test_import_asks_replace_or_merge_keeps_flags_and_undoes_in_one_step(opened, qtbot, env):
     from napari_denuc.results import Detections
 
-    viewer, w = opened
+    _, w = opened
     lyr = detect(qtbot, w)
     lyr.selected_data = {0, 1, 2}
     w.set_class_of_selected("stromal")
@@ -376,11 +376,14 @@ def test_retrain_shows_before_after_and_keep_or_discard(opened, qtbot, gt, env):
     would = np.asarray(res.head.predict(feats))
     n_change = int((would != f["class"].cat.codes.to_numpy()[open_rows]).sum())
     assert f"{n_change} of {int(open_rows.sum())} unedited, unreviewed nuclei would change class" in w.retrain_report.text()
+    if getattr(res, "n_eval", 0):  # before/after on the same held-out folds, as the library measured them
+        assert (f"on the same {res.n_eval} held-out nuclei of yours: old head {100 * res.acc_before:.1f}% → "
+                f"new head {100 * res.acc_after:.1f}%") in w.retrain_report.text()
     # discard: nothing changed, the file is gone
     qtbot.mouseClick(w.discard_btn, Qt.LeftButton)
     assert w.pipeline.head is head0 and w.head_path == path0
     np.testing.assert_array_equal(classes(lyr), cls0)
-    assert not Path(res.path).exists()
+    assert not Path(res.path).exists() and not list(Path(res.path).parent.glob(Path(res.path).stem + "*"))
     # retrain again and keep
     qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
@@ -398,7 +401,7 @@ def test_retrain_shows_before_after_and_keep_or_discard(opened, qtbot, gt, env):
 
 
 def test_failed_retrain_changes_nothing(opened, qtbot, monkeypatch, gt):
-    viewer, w = opened
+    _, w = opened
     lyr = detect(qtbot, w)
     label_like_gt(w, lyr, gt[1][: len(lyr.data)] if len(gt[1]) >= len(lyr.data) else np.zeros(len(lyr.data), int),
                   np.arange(0, len(lyr.data), 5))
@@ -453,12 +456,11 @@ def test_review_queue_keys(opened, qtbot):
 
 # ------------------------------------------------------------------------- threshold
 def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
-    viewer, w = opened
+    _, w = opened
     lyr = detect(qtbot, w)
     pipe = w.pipeline
     calls = pipe.detector.calls
     n_enc = pipe.encoder.calls
-    tau0 = w.tau_spin.value()
     n0 = len(lyr.data)
     # review one low-scoring nucleus: re-thresholding must never remove it
     low = int(np.argmin(lyr.features["score"].to_numpy()))
@@ -605,7 +607,7 @@ def test_loading_models_then_detect_starts(make_napari_viewer, qtbot, env, monke
 
 
 def test_cancel_leaves_everything(opened, qtbot):
-    viewer, w = opened
+    _, w = opened
     w.pipeline.detector.slow_s = 3.0
     w.run_detection()
     qtbot.wait(300)
@@ -613,3 +615,17 @@ def test_cancel_leaves_everything(opened, qtbot):
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=10000)
     assert w.points_layer() is None
     assert "Cancelled" in w.status.text()
+
+
+def test_retrain_from_the_first_correction(opened, qtbot):
+    """No "at least 3 per class" check in the widget: one correction is enough to retrain."""
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    assert "Learned from 1 of your nuclei" in w.retrain_report.text()
+    w.answer_retrain(True)
+    assert lyr.features["class"].iloc[0] == "stromal"

@@ -1580,7 +1580,9 @@ class DenucWidget(QWidget):
         res = p["result"]
         lyr = self._layer_by_token(p["token"])
         if not keep or lyr is None:
-            for q in (Path(res.path), Path(str(res.path) + ".json")):
+            from ..head import prior_path
+
+            for q in (Path(res.path), Path(str(res.path) + ".json"), prior_path(res.path)):
                 with contextlib.suppress(OSError):
                     q.unlink()
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
