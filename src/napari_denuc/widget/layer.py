@@ -237,7 +237,12 @@ def class_ids(layer) -> np.ndarray:
 
 def flags(features: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(edited, reviewed) boolean arrays."""
-    edited = np.asarray(features["source"].astype(str)) == "edited" if "source" in features else np.zeros(n, bool)
+    if "source" not in features:
+        edited = np.zeros(n, bool)
+    elif isinstance(features["source"].dtype, pd.CategoricalDtype) and list(features["source"].cat.categories) == list(SOURCES):
+        edited = np.asarray(features["source"].cat.codes) == SOURCES.index("edited")  # no string conversion
+    else:
+        edited = np.asarray(features["source"].astype(str)) == "edited"
     reviewed = np.asarray(features["reviewed"], dtype=bool) if "reviewed" in features else np.zeros(n, bool)
     return edited, reviewed
 
