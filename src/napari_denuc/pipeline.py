@@ -41,10 +41,12 @@ class Pipeline:
     ``nucleus`` (train a head from corrections in napari, or with ``denuc-train head``).
     """
 
-    def __init__(self, detector, encoder=None, head=None):
+    def __init__(self, detector, encoder=None, head=None, detect_options: dict | None = None):
         self.detector = detector
         self.encoder = encoder
         self.head = head
+        # extra keyword arguments of every detector call, e.g. {"batch_size": 8} (windows per forward pass)
+        self.detect_options = dict(detect_options or {})
         if head is not None and encoder is not None and head.feature_dim != encoder.feature_dim:
             raise DenucError(
                 f"the head expects {head.feature_dim}-d features from encoder {head.encoder_id!r}, "
@@ -85,7 +87,7 @@ class Pipeline:
         return tuple(self.head.class_colors) if self.head is not None else ()
 
     def detect(self, image, mpp: float, tau=None, nms_um=None, progress=None):
-        return self.detector.detect(image, mpp, tau=tau, nms_um=nms_um, progress=progress)
+        return self.detector.detect(image, mpp, tau=tau, nms_um=nms_um, progress=progress, **self.detect_options)
 
     def features_at(self, image, xy, mpp: float, progress=None) -> np.ndarray:
         if self.encoder is None:
