@@ -269,3 +269,10 @@ def test_rethreshold_of_cached_candidates_equals_detect_at_higher_tau():
         np.testing.assert_array_equal(np.sort(xy_lo[keep], 0), np.sort(xy_hi, 0))
         np.testing.assert_array_equal(np.sort(s_lo[keep]), np.sort(s_hi))
     assert len(xy_lo) > len(det.detect(image, 0.5, tau=0.7)[0])  # the floor really holds more candidates
+
+
+def test_any_file_source_text_maps_onto_model_or_edited():
+    det = _det(4)
+    f = L.make_features(det, source=np.array(["model", "user", "imported", "edited"], dtype=object))
+    assert list(f["source"].astype(str)) == ["model", "edited", "edited", "edited"]
+    assert not f["source"].isna().any()

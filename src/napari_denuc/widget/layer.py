@@ -104,6 +104,8 @@ def make_features(det: Detections, source="model", reviewed=False, first_nid: in
             det.probs[:, k].astype(np.float32) if det.probs is not None else np.full(n, np.nan, np.float32)
         )
     src = np.broadcast_to(np.asarray(source, dtype=object), (n,))
+    # files may carry any source text ("user", "imported"...): all that is not the model's is the user's
+    src = np.where(src.astype(str) == "model", "model", "edited")
     cols["source"] = pd.Categorical(src, categories=list(SOURCES))
     cols["reviewed"] = np.broadcast_to(np.asarray(reviewed, dtype=bool), (n,)).copy()
     f = pd.DataFrame(cols)
