@@ -276,3 +276,22 @@ def test_any_file_source_text_maps_onto_model_or_edited():
     f = L.make_features(det, source=np.array(["model", "user", "imported", "edited"], dtype=object))
     assert list(f["source"].astype(str)) == ["model", "edited", "edited", "edited"]
     assert not f["source"].isna().any()
+
+
+def test_pipeline_run_return_features_matches_features_at():
+    """``Pipeline.run(return_features=True)``: the widget's detection path, row for row (RGBA input too)."""
+    from napari_denuc._sample_data import SAMPLE_LABELS, make_sample_data
+    from napari_denuc.data.brca_m2c import read_labels
+    from napari_fakes import fake_pipeline
+
+    image = make_sample_data()[0][0]
+    xy, labels = read_labels(SAMPLE_LABELS)
+    pipe = fake_pipeline(xy, labels, image)
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], 2)
+    det, feats = pipe.run(rgba, 0.5, roi=(100, 100, 600, 500), return_features=True)
+    plain = pipe.run(image, 0.5, roi=(100, 100, 600, 500))
+    np.testing.assert_array_equal(det.xy, plain.xy)
+    np.testing.assert_array_equal(det.class_ids, plain.class_ids)
+    assert feats.shape == (len(det), 8)
+    np.testing.assert_allclose(feats, pipe.features_at(image[100:500, 100:600], det.xy - (100, 100), 0.5))
+    np.testing.assert_allclose(det.probs, pipe.head.predict_proba(feats), rtol=1e-6)
