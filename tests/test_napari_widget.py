@@ -461,6 +461,7 @@ def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
     pipe = w.pipeline
     calls = pipe.detector.calls
     n_enc = pipe.encoder.calls
+    tau0 = w.tau_spin.value()
     n0 = len(lyr.data)
     # review one low-scoring nucleus: re-thresholding must never remove it
     low = int(np.argmin(lyr.features["score"].to_numpy()))
@@ -481,7 +482,11 @@ def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
     assert [a.label for a in w._history(lyr).undo_stack[-2:]] == ["reviewed", "threshold"]  # moves coalesce
     w.undo()
     assert len(lyr.data) == n0 and w._history(lyr).undo_stack[-1].label == "reviewed"
+    assert w.tau_spin.value() == pytest.approx(tau0)  # the control follows the undo
     assert lyr.features["reviewed"].iloc[low]
+    w.redo()
+    assert w.tau_spin.value() == pytest.approx(0.7)
+    assert np.hypot(*(lyr.data - kept_rc).T).min() < 1e-6  # the reviewed low scorer stays at 0.7 too
 
 
 # ------------------------------------------------------------------------- regions, levels, formats

@@ -151,6 +151,7 @@ class DenucWidget(QWidget):
         self._infos: dict[str, dict] = {}  # token -> image name, image key, autosave path, next nid
         self._histories: dict[str, History] = {}
         self._candidates: dict[str, E.Candidates] = {}
+        self._tau_shown: dict[str, float] = {}  # token -> the threshold the layer's model nuclei are at
         self._dirty: set[str] = set()
         self._pending_move: set[str] = set()
         self._keys: dict[str, tuple] = {}  # image layer name -> (data object, key)
@@ -942,6 +943,12 @@ class DenucWidget(QWidget):
             names = L.class_names(lyr)
             lyr.feature_defaults = L.feature_defaults(names, self.class_combo.currentText())
             self._sync_style(lyr)
+        if "tau" in act.extra:  # the threshold control follows its own undo/redo
+            tau = act.extra["tau"][0 if undo else 1]
+            self._tau_shown[L.token_of(lyr)] = tau
+            self.tau_spin.blockSignals(True)
+            self.tau_spin.setValue(tau)
+            self.tau_spin.blockSignals(False)
         head = act.extra.get("head_before" if undo else "head_after")
         if head is not None:
             obj, path = head
@@ -1134,6 +1141,8 @@ class DenucWidget(QWidget):
         self._flush_moves()
         h = self._history(lyr)
         h.record(lyr, "edit")
+        top = h.undo_stack[-1] if h.undo_stack and h.undo_stack[-1].label == "threshold" else None
+        tau_before = top.extra["tau"][0] if top is not None else self._tau_shown.get(L.token_of(lyr), tau)
         h.pop_top_if("threshold", lyr, self._apply_state)  # consecutive threshold moves are one step
         det, _ = c.select(tau)
         mpp = float(self.mpp_spin.value())
@@ -1143,7 +1152,8 @@ class DenucWidget(QWidget):
         )
         self._set_next_nid(lyr, nxt)
         self._write(lyr, data=d, features=f)
-        self._record(lyr, "threshold")
+        self._record(lyr, "threshold", extra={"tau": (tau_before, tau)})
+        self._tau_shown[L.token_of(lyr)] = tau
         self._set_status(f"τ = {tau:.2f}: {len(d)} nuclei.")
 
     # -------------------------------------------------------------- run
@@ -1352,6 +1362,7 @@ class DenucWidget(QWidget):
             lyr = self._new_layer(image_layer, empty)
         token = L.token_of(lyr)
         self._candidates[token] = cands
+        self._tau_shown[token] = tau
         det, _ = cands.select(tau)
         self._flush_moves()
         self._history(lyr).record(lyr, "edit")
