@@ -634,3 +634,15 @@ def test_retrain_from_the_first_correction(opened, qtbot):
     assert "Learned from 1 of your nuclei" in w.retrain_report.text()
     w.answer_retrain(True)
     assert lyr.features["class"].iloc[0] == "stromal"
+
+
+def test_whole_slide_needs_a_region(make_napari_viewer, qtbot, env):
+    """A slide-sized image on "Whole image" gets a clear message, not an out-of-memory crash."""
+    big = np.broadcast_to(np.uint8(200), (20000, 20000, 3))  # no memory behind it
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image([big, big[::2, ::2], big[::4, ::4]], rgb=True, multiscale=True, name="slide", metadata={"mpp": 0.25})
+    w = open_widget(viewer, qtbot)
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.points_layer() is None
+    assert "Current field of view" in w.status.text() and "10000 x 10000" in w.status.text()

@@ -53,7 +53,8 @@ AUTOSAVE_DELAY_MS = 500
 MOVE_SETTLE_MS = 250  # a drag emits one data event per mouse move: record the move once it settles
 TAU_FLOOR_BELOW = 0.25  # detect down to tau - 0.25 so the threshold can move without re-running
 REVIEW_SCREEN_PX_PER_UM = 6.0  # zoom of "Review next": a 7 µm nucleus is about 40 screen pixels
-MAX_DOCK_WIDTH = 340  # < 27% of a 1280 px screen
+MAX_DOCK_WIDTH = 340
+MAX_REGION_PIXELS = 8192 * 8192  # beyond this (a whole slide), the widget asks for a region; the CLI tiles slides  # < 27% of a 1280 px screen
 KEYS_HELP = (
     "DeNuC keys: 1-9 set class · r reviewed · n / Shift+N next / previous doubtful nucleus · "
     "Ctrl+Z / Ctrl+Shift+Z undo / redo · Delete removes selected"
@@ -1239,6 +1240,11 @@ class DenucWidget(QWidget):
                 x1, y1 = min(w, int(np.ceil(hi[0]))), min(h, int(np.ceil(hi[1])))
                 if x1 <= x0 or y1 <= y0:
                     raise DenucError("the region lies outside the image; move the view or the shape onto the image")
+            if (y1 - y0) * (x1 - x0) > MAX_REGION_PIXELS:
+                raise DenucError(
+                    f"the region is {x1 - x0} x {y1 - y0} px at the model's resolution, too large to hold in memory here; "
+                    "choose 'Current field of view' or 'Inside Shapes ROI', or run denuc-predict on the whole slide"
+                )
             crop = np.asarray(arr[y0:y1, x0:x1])
             det, feats = pipe.run(crop, mpp * f, progress=self._progress_cb, tau=floor, nms_um=nms, return_features=True)
             det.xy = rescale_points(det.xy + (x0, y0), f)
