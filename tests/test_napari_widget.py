@@ -1,16 +1,25 @@
-"""The dock widget with a fast fake pipeline (the real models are covered by test_napari_e2e.py)."""
+"""The dock widget on the user's path: Plugins > DeNuC, real mouse clicks and key presses.
+
+The pipeline is the library's own ``Pipeline`` around a fake detector and encoder
+(``napari_fakes``); the real models are covered by test_napari_e2e.py.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
-pytestmark = pytest.mark.napari
+pytestmark = [
+    pytest.mark.napari,
+    # the widget must use public napari API only (napari 0.10 removes private access)
+    pytest.mark.filterwarnings("error:Private attribute access:FutureWarning"),
+]
 
 SAMPLE = ("napari-denuc", "brca_m2c_tile")
+PLUGIN = ("napari-denuc", "DeNuC")
 
 
 @pytest.fixture
@@ -22,267 +31,618 @@ def gt():
 
 
 @pytest.fixture
-def widget(make_napari_viewer, tmp_path, monkeypatch, gt):
-    from napari_denuc.widget._widget import DenucWidget
-    from napari_fakes import FakePipeline
+def sample_image():
+    from napari_denuc._sample_data import make_sample_data
+
+    return make_sample_data()[0][0]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, gt, sample_image):
+    """DENUC_HOME in tmp, and the widget's pipeline factory builds the fake pipeline."""
+    from napari_fakes import fake_head, fake_pipeline
+
+    from napari_denuc.widget import _widget
 
     monkeypatch.setenv("DENUC_HOME", str(tmp_path / "home"))
-    viewer = make_napari_viewer()
-    viewer.open_sample(*SAMPLE)
-    w = DenucWidget(viewer, preload=False)
-    w.pipeline = FakePipeline(*gt)
-    viewer.window.add_dock_widget(w)
+    head = fake_head(gt[0], gt[1], sample_image)
+    built = []
+
+    def factory(detector=None, encoder=None, head_path=None, **kw):
+        pipe = fake_pipeline(gt[0], gt[1], sample_image, head=head)
+        built.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(_widget, "make_pipeline", lambda detector=None, encoder=None, head=None: factory())
+    return {"home": tmp_path / "home", "built": built, "tmp": tmp_path}
+
+
+def open_widget(viewer, qtbot):
+    """Plugins > DeNuC, as napari does it (the widget gets a PublicOnlyProxy viewer)."""
+    _, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=30000)
     return w
 
 
-def run(qtbot, w, action="run_detection"):
-    getattr(w, action)()
+@pytest.fixture
+def opened(make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(*SAMPLE)
+    w = open_widget(viewer, qtbot)
+    return viewer, w
+
+
+def detect(qtbot, w):
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    lyr = w.points_layer()
+    assert lyr is not None, w.status.text()
+    return lyr
 
 
-def test_widget_reads_image_and_mpp(widget):
-    assert widget.image_combo.currentText() == "BRCA-M2C sample"
-    assert widget.mpp_spin.value() == pytest.approx(0.5)
-    assert "from the image" in widget.mpp_note.text()
+def classes(lyr):
+    return lyr.features["class"].astype(str).to_numpy().copy()
 
 
-def test_assumed_mpp_is_shown(make_napari_viewer, monkeypatch, tmp_path):
-    from napari_denuc.widget._widget import DenucWidget
-
-    monkeypatch.setenv("DENUC_HOME", str(tmp_path))
-    viewer = make_napari_viewer()
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="plain")
-    w = DenucWidget(viewer, preload=False)
-    assert w.mpp_spin.value() == pytest.approx(0.5)
-    assert "assumed" in w.mpp_note.text()
+def nearest(lyr, rc):
+    return int(np.argmin(np.hypot(*(np.asarray(lyr.data) - np.asarray(rc)).T)))
 
 
-def test_detect_makes_coloured_points_layer(qtbot, widget, gt):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    assert lyr is not None and lyr.name == "BRCA-M2C sample nuclei"
-    assert len(lyr.data) == len(gt[0])
-    # napari (row, col) = library (y, x)
-    np.testing.assert_allclose(lyr.data[:, ::-1], gt[0])
+def wait_saved(qtbot, w):
+    qtbot.waitUntil(lambda: not w._dirty and not w._autosave_timer.isActive(), timeout=5000)
+
+
+def saved_state(home):
+    files = list((home / "corrections").glob("*.denuc.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+# ------------------------------------------------------------------------- the whole loop
+def test_menu_path_end_to_end(make_napari_viewer, qtbot, env, gt):
+    """detect -> add 2 -> delete 2 -> relabel 5 -> move 1 -> retrain -> export -> close -> reopen."""
+    from napari_fakes import User, empty_spots
+
+    from napari_denuc.io.points import read_points
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(*SAMPLE)
+    w = open_widget(viewer, qtbot)
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n0 = len(lyr.data)
+    assert n0 > 200 and set(lyr.features["source"].astype(str)) == {"model"}
+
+    # add 2 nuclei with the mouse (the current class: tumor)
+    w.class_combo.setCurrentText("tumor")
+    spots = empty_spots(gt[0], 2)
+    for rc in spots:
+        user.add_at(lyr, rc)
+    assert len(lyr.data) == n0 + 2
+    np.testing.assert_allclose(lyr.data[-2:], spots, atol=0.6)
+    assert list(classes(lyr)[-2:]) == ["tumor", "tumor"]
+    assert isinstance(lyr.features["class"].dtype, __import__("pandas").CategoricalDtype)
+
+    # delete 2 model nuclei: click, Delete
+    victims = [lyr.data[10].copy(), lyr.data[20].copy()]
+    for rc in victims:
+        user.select(lyr, rc)
+        assert lyr.selected_data == {nearest(lyr, rc)}
+        user.key(Qt.Key_Delete)
+    assert len(lyr.data) == n0
+    assert len(lyr.metadata["denuc"]["tombstones"]) == 2
+
+    # relabel 5 with the number key 3 (stromal)
+    targets = [lyr.data[i].copy() for i in (30, 40, 50, 60, 70)]
+    for rc in targets:
+        user.select(lyr, rc)
+        user.key(Qt.Key_3)
+    idx5 = [nearest(lyr, rc) for rc in targets]
+    assert set(classes(lyr)[idx5]) == {"stromal"}
+    assert set(lyr.features["source"].astype(str).to_numpy()[idx5]) == {"edited"}
+    assert "stromal" in w.legend_checks and w.legend_checks["stromal"].text().startswith("3  stromal")
+
+    # move 1 by dragging it 6 px right
+    src = lyr.data[80].copy()
+    user.select(lyr, src)
+    user.drag(src, src + (0, 6))
+    qtbot.wait(400)  # the move settles into one undo step
+    moved = nearest(lyr, src + (0, 6))
+    assert abs(lyr.data[moved][1] - (src[1] + 6)) < 1.0
+    assert lyr.features["source"].iloc[moved] == "edited"
+
+    # confirm 3 predicted nuclei of each class with the r key
+    for name in ("lymphocyte", "tumor", "stromal"):
+        f = lyr.features
+        todo = np.flatnonzero((classes(lyr) == name) & ~f["reviewed"].to_numpy())[:3]
+        for rc in [lyr.data[i].copy() for i in todo]:
+            user.select(lyr, rc)
+            user.key(Qt.Key_R)
+    assert lyr.features["reviewed"].sum() == 8 + 9
+
+    # retrain from the edited and reviewed nuclei, keep the new head
+    head_before = w.pipeline.head
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    assert "would change class" in w.retrain_report.text()
+    assert w.keep_btn.isVisible()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert w.pipeline.head is not head_before
+    assert w.head_path.endswith("v001.safetensors")
+
+    # export
+    out = w.export_points(env["tmp"] / "nuclei.geojson")
+    det = read_points(out)
+    np.testing.assert_array_equal(np.array(det.class_names)[det.class_ids], classes(lyr))
+    np.testing.assert_allclose(det.xy, lyr.data[:, ::-1], atol=1e-3)
+
+    # autosave from the layer's own events; then close the viewer
+    wait_saved(qtbot, w)
+    state = saved_state(env["home"])
+    expect_data = lyr.data.copy()
+    expect_cls = classes(lyr)
+    expect_src = lyr.features["source"].astype(str).to_numpy().copy()
+    expect_rev = lyr.features["reviewed"].to_numpy().copy()
+    assert state["class"] == list(expect_cls) and state["source"] == list(expect_src)
+    assert len(state["tombstones"]) == 2 and state["head"] == w.head_path
+    head_path = w.head_path
+    viewer.close()
+
+    # a new viewer: open the image, open the widget: everything is back
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open_sample(*SAMPLE)
+    w2 = open_widget(viewer2, qtbot)
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None, w2.status.text()
+    np.testing.assert_allclose(lyr2.data, expect_data, atol=1e-3)
+    np.testing.assert_array_equal(classes(lyr2), expect_cls)
+    np.testing.assert_array_equal(lyr2.features["source"].astype(str).to_numpy(), expect_src)
+    np.testing.assert_array_equal(lyr2.features["reviewed"].to_numpy(), expect_rev)
+    assert len(lyr2.metadata["denuc"]["tombstones"]) == 2
+    assert w2.head_path == head_path
+    # and a new detection brings back neither the deleted nuclei nor loses the user's
+    lyr2 = detect(qtbot, w2)
+    for rc in victims:
+        assert np.hypot(*(lyr2.data - rc).T).min() > 2.0
+    edited = lyr2.features["source"].astype(str).to_numpy() == "edited"
+    assert edited.sum() == (expect_src == "edited").sum()
+
+
+# ------------------------------------------------------------------------- layer identity
+def test_class_stays_categorical_through_add_paste_delete(opened, qtbot, gt, env):
+    import pandas as pd
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n0 = len(lyr.data)
+    for rc in empty_spots(gt[0], 3, seed=5):
+        user.add_at(lyr, rc)
+    user.select(lyr, lyr.data[-1])
+    user.key(Qt.Key_C, Qt.ControlModifier)
+    user.key(Qt.Key_V, Qt.ControlModifier)  # napari pastes a copy of the selected nucleus
+    assert len(lyr.data) == n0 + 4
+    user.select(lyr, lyr.data[5])
+    user.key(Qt.Key_Delete)
     f = lyr.features
-    assert list(f["class"].cat.categories) == ["lymphocyte", "tumor", "stromal"]
-    for col in ("score", "prob_lymphocyte", "prob_tumor", "prob_stromal", "source", "reviewed"):
-        assert col in f.columns
-    assert set(f["source"].astype(str)) == {"model"} and not f["reviewed"].any()
-    colors = {n: np.array(c) / 255 for n, c in zip(widget.pipeline.head.class_names, widget.pipeline.head.class_colors)}
-    for i in range(0, len(f), 37):
-        np.testing.assert_allclose(lyr.face_color[i, :3], colors[str(f["class"].iloc[i])], atol=1e-6)
-    counts = widget.legend.text()
-    assert "lymphocyte" in counts and f"total {len(gt[0])}" in counts
-    assert widget.timings["detect_to_layer_s"] > 0
-
-
-def test_relabel_keys_and_undo(qtbot, widget):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    before = lyr.features["class"].astype(str).to_numpy().copy()
-    lyr.selected_data = {0, 1, 2}
-    widget._key_handler(2)(lyr)  # key "3" -> stromal
-    f = lyr.features
-    assert (f["class"].iloc[:3] == "stromal").all()
-    assert (f["source"].iloc[:3] == "edited").all() and f["reviewed"].iloc[:3].all()
-    np.testing.assert_allclose(lyr.face_color[0, :3], np.array((0, 120, 255)) / 255, atol=1e-6)
-    assert "3" in {str(k) for k in lyr.keymap}  # number keys are bound on the layer
-    widget.undo()
-    np.testing.assert_array_equal(lyr.features["class"].astype(str).to_numpy(), before)
-    assert (lyr.features["source"] == "model").all()
-    widget.undo()  # undo the detection: the layer goes
-    assert widget.points_layer() is None
-
-
-def test_add_move_delete_are_edits(qtbot, widget):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    n = len(lyr.data)
-    widget.class_combo.setCurrentText("tumor")
-    lyr.add([[100.0, 120.0]])
-    assert len(lyr.data) == n + 1
-    row = lyr.features.iloc[-1]
-    assert row["class"] == "tumor" and row["source"] == "edited" and row["reviewed"]
-    np.testing.assert_allclose(lyr.face_color[-1, :3], np.array((230, 0, 0)) / 255, atol=1e-6)
-    lyr.selected_data = {5}
-    lyr._move({5}, lyr.data[5] + 3)
-    lyr._drag_start = None
-    assert lyr.features["source"].iloc[5] == "edited"
-    lyr.selected_data = {7}
-    lyr.remove_selected()
-    assert len(lyr.data) == n
-    assert f"total {n}" in widget.legend.text()
-
-
-def test_retrain_reclassifies_unedited_keeps_edited(qtbot, widget, gt, tmp_path):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    xy, labels = gt
-    # the user reviews a third of the nuclei and sets their true class
-    label_like_gt(widget, lyr, labels, np.arange(0, len(xy), 3))
-    # and forces two nuclei to a class that is surely "wrong" for the model
-    lyr.selected_data = {1, 2}
-    widget.set_class_of_selected("tumor")
-    edited = lyr.features["source"].astype(str).to_numpy() == "edited"
-    user_cls = lyr.features["class"].astype(str).to_numpy().copy()
-    enc_calls = widget.pipeline.encoder.n_points
-    head_before = widget.pipeline.head
-    run(qtbot, widget, "retrain")
-    n_after = widget.pipeline.encoder.n_points
-    assert widget.pipeline.head is not head_before
-    assert widget.head_path and widget.head_path.endswith("v001.safetensors")
-    from pathlib import Path
-
-    assert Path(widget.head_path).is_file() and Path(widget.head_path + ".json").is_file()
-    assert Path(widget.head_path).parent == tmp_path / "home" / "heads"
-    f = lyr.features
-    np.testing.assert_array_equal(f["class"].astype(str).to_numpy()[edited], user_cls[edited])
-    # unedited nuclei now carry the new head's prediction
-    feats = widget.pipeline.features_at(widget.image_layer().data, xy[~edited], 0.5)
-    pred = np.asarray(widget.pipeline.head.predict(feats))
-    np.testing.assert_array_equal(f["class"].cat.codes.to_numpy()[~edited], pred)
-    assert "cross-validated" in widget.last_summary and "Saved as head-fake-v001" in widget.last_summary
-    # only the hand-added nucleus... none here: every training nucleus came from the feature memo
-    assert n_after == enc_calls
-    assert "0 nuclei newly sampled" in widget.last_summary
-    assert widget.timings["retrain_s"] < 30
-    # a second retrain makes a new version, never overwrites
-    run(qtbot, widget, "retrain")
-    assert widget.head_path.endswith("v002.safetensors")
-    assert (tmp_path / "home" / "heads" / "head-fake-v001.safetensors").is_file()
-    # undo the retrain: the previous head comes back
-    widget.undo()
-    assert widget.head_path.endswith("v001.safetensors")
-
-
-def test_retrain_with_missing_class_explains(qtbot, widget):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    head = widget.pipeline.head
+    assert len(lyr.data) == n0 + 3
+    assert isinstance(f["class"].dtype, pd.CategoricalDtype) and list(f["class"].cat.categories) == list(w.class_names())
+    assert isinstance(f["source"].dtype, pd.CategoricalDtype)
+    assert f["nid"].is_unique
+    # every widget action still knows the layer (the symptoms of issue 8, item 2)
+    assert w.legend_checks and "total" in w.legend.text()
     lyr.selected_data = set(range(10))
-    widget.set_class_of_selected("lymphocyte")
-    widget.retrain()
-    assert not widget.is_busy()
-    assert "'tumor' has 0" in widget.status.text() and "'stromal' has 0" in widget.status.text()
-    assert widget.pipeline.head is head
+    qtbot.mouseClick(w.set_class_btn, Qt.LeftButton)
+    assert (f := lyr.features)["source"].astype(str).iloc[:10].eq("edited").all()
+    user.select(lyr, lyr.data[20])
+    user.key(Qt.Key_R)
+    assert lyr.features["reviewed"].iloc[20]
+    out = w.export_points(env["tmp"] / "x.csv")
+    assert out.is_file() and len(out.read_text().splitlines()) == len(lyr.data) + 1
 
 
-def label_like_gt(widget, lyr, labels, idx):
+def test_keys_undo_redo_never_lose_later_work(opened, qtbot, gt):
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    start = (lyr.data.copy(), lyr.features.copy())
+    user.select(lyr, lyr.data[3])
+    user.key(Qt.Key_3)  # relabel
+    user.add_at(lyr, empty_spots(gt[0], 1, seed=9)[0])  # add
+    src = lyr.data[7].copy()
+    user.select(lyr, src)
+    user.drag(src, src + (5, 0))  # move
+    qtbot.wait(400)
+    end = (lyr.data.copy(), lyr.features.copy())
+    assert len(end[0]) == len(start[0]) + 1
+    # Ctrl+Z while the points layer is active: the move, the add, the relabel, one by one
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    np.testing.assert_allclose(lyr.data[7], src)
+    assert len(lyr.data) == len(end[0])  # the added nucleus is still there
+    assert lyr.features["class"].iloc[3] == "stromal"  # and the relabel too
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    np.testing.assert_array_equal(lyr.data, start[0])
+    np.testing.assert_array_equal(classes(lyr), start[1]["class"].astype(str).to_numpy())
+    assert (lyr.features["source"].astype(str) == "model").all()
+    for _ in range(3):
+        user.key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    np.testing.assert_allclose(lyr.data, end[0])
+    np.testing.assert_array_equal(classes(lyr), end[1]["class"].astype(str).to_numpy())
+
+
+# ------------------------------------------------------------------------- re-detection
+def test_redetect_keeps_deleted_deleted_and_user_nuclei(opened, qtbot):
+    from napari_fakes import User
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n0 = len(lyr.data)
+    gone = [lyr.data[i].copy() for i in (1, 2, 3, 4, 5)]
+    for rc in gone:
+        user.select(lyr, rc)
+        user.key(Qt.Key_Delete)
+    user.select(lyr, lyr.data[30])
+    user.key(Qt.Key_1)
+    relabelled = lyr.data[30].copy()
+    lyr = detect(qtbot, w)
+    assert len(lyr.data) == n0 - 5
+    for rc in gone:
+        assert np.hypot(*(lyr.data - rc).T).min() > 2.0
+    i = nearest(lyr, relabelled)
+    assert lyr.features["class"].iloc[i] == "lymphocyte" and lyr.features["source"].iloc[i] == "edited"
+    assert "5 deleted nuclei stay deleted" in w.status.text()
+
+
+# ------------------------------------------------------------------------- import
+def test_import_asks_replace_or_merge_keeps_flags_and_undoes_in_one_step(opened, qtbot, env):
+    from napari_denuc.results import Detections
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    lyr.selected_data = {3}
+    w.mark_selected_reviewed()
+    path = w.export_points(env["tmp"] / "mine.geojson")
+    before = (lyr.data.copy(), classes(lyr), lyr.features["reviewed"].to_numpy().copy())
+    # the user then deletes 10 nuclei and relabels one more
+    lyr.selected_data = set(range(10, 20))
+    lyr.remove_selected()
+    lyr.selected_data = {40}
+    w.set_class_of_selected("tumor")
+    mid = (lyr.data.copy(), classes(lyr))
+    lyr2 = w.import_points(path, mode="merge")
+    assert L_token(lyr2) == L_token(lyr)
+    assert len(lyr.data) == len(before[0])  # the 10 deleted ones come back from the file
+    i40 = nearest(lyr, mid[0][40])
+    assert classes(lyr)[i40] == "tumor"  # merge never overrides the user's later edit
+    w.undo()  # one step
+    np.testing.assert_array_equal(lyr.data, mid[0])
+    np.testing.assert_array_equal(classes(lyr), mid[1])
+    w.import_points(path, mode="replace")
+    np.testing.assert_allclose(lyr.data, before[0], atol=1e-3)
+    np.testing.assert_array_equal(classes(lyr), before[1])
+    if "reviewed" in getattr(Detections, "__dataclass_fields__", {}):  # files carry the flags (GeoJSON measurements)
+        np.testing.assert_array_equal(lyr.features["reviewed"].to_numpy(), before[2])
+    w.undo()
+    np.testing.assert_array_equal(lyr.data, mid[0])
+
+
+def L_token(lyr):
+    from napari_denuc.widget import layer as L
+
+    return L.token_of(lyr)
+
+
+# ------------------------------------------------------------------------- retrain
+def label_like_gt(w, lyr, labels, idx):
     for k, name in enumerate(("lymphocyte", "tumor", "stromal")):
         lyr.selected_data = set(idx[labels[idx] == k].tolist())
-        widget.set_class_of_selected(name)
+        if lyr.selected_data:
+            w.set_class_of_selected(name)
 
 
-def test_failed_retrain_keeps_head(qtbot, widget, monkeypatch, gt):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    label_like_gt(widget, lyr, gt[1], np.arange(0, len(gt[1]), 4))
-    classes = lyr.features["class"].astype(str).to_numpy().copy()
-    head = widget.pipeline.head
+def test_retrain_shows_before_after_and_keep_or_discard(opened, qtbot, gt, env):
+    from pathlib import Path
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    xy = lyr.data[:, ::-1]
+    # the user labels every 4th nucleus with its true class (nearest ground truth)
+    from scipy.spatial import cKDTree
+
+    _, j = cKDTree(gt[0]).query(xy)
+    labels = gt[1][j]
+    label_like_gt(w, lyr, labels, np.arange(0, len(xy), 4))
+    head0, path0 = w.pipeline.head, w.head_path
+    cls0 = classes(lyr)
+    enc_points = w.pipeline.encoder.n_points
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    p = w.pending_retrain
+    assert p is not None, w.status.text()
+    assert w.pipeline.encoder.n_points == enc_points  # every feature came from the detection's memo
+    # what the report says is what would happen
+    res = p["result"]
+    f = lyr.features
+    open_rows = ~(f["reviewed"].to_numpy() | (f["source"].astype(str) == "edited").to_numpy())
+    feats = w.pipeline.features_at(viewer.layers["BRCA-M2C sample"].data, xy[open_rows], 0.5)
+    would = np.asarray(res.head.predict(feats))
+    n_change = int((would != f["class"].cat.codes.to_numpy()[open_rows]).sum())
+    assert f"{n_change} of {int(open_rows.sum())} unedited, unreviewed nuclei would change class" in w.retrain_report.text()
+    if getattr(res, "n_eval", 0):  # before/after on the same held-out folds, as the library measured them
+        assert (f"on the same {res.n_eval} held-out nuclei of yours: old head {100 * res.acc_before:.1f}% → "
+                f"new head {100 * res.acc_after:.1f}%") in w.retrain_report.text()
+    # discard: nothing changed, the file is gone
+    qtbot.mouseClick(w.discard_btn, Qt.LeftButton)
+    assert w.pipeline.head is head0 and w.head_path == path0
+    np.testing.assert_array_equal(classes(lyr), cls0)
+    assert not Path(res.path).exists() and not list(Path(res.path).parent.glob(Path(res.path).stem + "*"))
+    # retrain again and keep
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    res = w.pending_retrain["result"]
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert w.pipeline.head is res.head and Path(w.head_path).is_file()
+    assert Path(w.head_path).parent == env["home"] / "heads"
+    now = lyr.features
+    np.testing.assert_array_equal(now["class"].cat.codes.to_numpy()[open_rows], would)
+    np.testing.assert_array_equal(classes(lyr)[~open_rows], cls0[~open_rows])  # the user's word stands
+    # undo the keep: the old head and every class come back exactly
+    w.undo()
+    assert w.pipeline.head is head0
+    np.testing.assert_array_equal(classes(lyr), cls0)
+
+
+def test_failed_retrain_changes_nothing(opened, qtbot, monkeypatch, gt):
+    _, w = opened
+    lyr = detect(qtbot, w)
+    label_like_gt(w, lyr, gt[1][: len(lyr.data)] if len(gt[1]) >= len(lyr.data) else np.zeros(len(lyr.data), int),
+                  np.arange(0, len(lyr.data), 5))
+    cls = classes(lyr)
+    head = w.pipeline.head
+    n_undo = len(w._history(lyr).undo_stack)
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(type(head), "save", boom)
-    run(qtbot, widget, "retrain")
-    assert widget.pipeline.head is head
-    assert "unchanged" in widget.status.text()
-    np.testing.assert_array_equal(lyr.features["class"].astype(str).to_numpy(), classes)
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pipeline.head is head and w.pending_retrain is None
+    assert "unchanged" in w.status.text() or "disk on fire" in w.status.text()
+    np.testing.assert_array_equal(classes(lyr), cls)
+    assert len(w._history(lyr).undo_stack) == n_undo
 
 
-def test_cancel_leaves_everything(qtbot, widget):
-    widget.pipeline.slow_s = 3.0
-    widget.run_detection()
-    qtbot.wait(300)
-    widget.cancel()
-    qtbot.waitUntil(lambda: not widget.is_busy(), timeout=10000)
-    assert widget.points_layer() is None
-    assert "Cancelled" in widget.status.text()
+# ------------------------------------------------------------------------- review queue
+def test_review_queue_keys(opened, qtbot):
+    from napari_fakes import User, camera
 
-
-def test_autosave_and_restore(qtbot, widget, tmp_path):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    lyr.selected_data = {3, 4}
-    widget.set_class_of_selected("stromal")
-    qtbot.waitUntil(lambda: not widget._autosave_timer.isActive(), timeout=5000)
-    files = list((tmp_path / "home" / "corrections").glob("*.denuc.json"))
-    assert len(files) == 1
-    state = json.loads(files[0].read_text())
-    assert state["source"][3] == "edited" and state["class"][4] == "stromal"
-    n = len(lyr.data)
-    viewer = widget.viewer
-    viewer.layers.clear()
-    viewer.open_sample(*SAMPLE)  # the same image again: corrections come back
-    lyr2 = widget.points_layer()
-    assert lyr2 is not None and len(lyr2.data) == n
-    assert lyr2.features["source"].iloc[3] == "edited" and lyr2.features["class"].iloc[4] == "stromal"
-    assert "Restored" in widget.status.text()
-
-
-def test_rerun_keeps_user_points(qtbot, widget):
-    run(qtbot, widget)
-    lyr = widget.points_layer()
-    lyr.add([[10.0, 10.0]])  # far from any nucleus
-    n = len(lyr.data)
-    run(qtbot, widget)
-    assert len(widget.points_layer().data) == n
-    assert (widget.points_layer().features["source"] == "edited").sum() == 1
-
-
-def test_field_of_view_and_shapes_roi(qtbot, widget, gt):
-    viewer = widget.viewer
-    viewer.camera.center = (0, 100, 100)
-    viewer.camera.zoom = 8
-    widget.scope_combo.setCurrentText("Current field of view")
-    run(qtbot, widget)
-    n_fov = len(widget.points_layer().data)
-    assert 0 < n_fov < len(gt[0])
-    widget.undo()
-    viewer.add_shapes([np.array([[0, 0], [0, 200], [200, 200], [200, 0]])], shape_type="polygon", name="roi")
-    widget.scope_combo.setCurrentText("Inside Shapes ROI")
-    run(qtbot, widget)
-    xy = widget.points_layer().data[:, ::-1]
-    assert len(xy) and (xy <= 200).all()
-    expected = ((gt[0] >= 0) & (gt[0] <= 200)).all(1).sum()
-    assert abs(len(xy) - expected) <= 2
-
-
-def test_multiscale_uses_level_nearest_model_mpp(qtbot, make_napari_viewer, tmp_path, monkeypatch, gt):
-    from napari_denuc._sample_data import make_sample_data
-    from napari_denuc.widget._widget import DenucWidget
-    from napari_fakes import FakePipeline
-
-    monkeypatch.setenv("DENUC_HOME", str(tmp_path))
-    img = make_sample_data()[0][0]
-    up = np.repeat(np.repeat(img, 2, 0), 2, 1)  # "40x": 0.25 mpp, level 1 is the 20x image
-    viewer = make_napari_viewer()
-    viewer.add_image([up, img], rgb=True, multiscale=True, name="pyramid", metadata={"mpp": 0.25})
-    w = DenucWidget(viewer, preload=False)
-    w.pipeline = FakePipeline(*gt)
-    arr, f = w._level_for(viewer.layers["pyramid"], 0.5, 0.25)
-    assert f == 2 and arr.shape == img.shape
-    run(qtbot, w)
-    lyr = w.points_layer()
-    np.testing.assert_allclose(lyr.data[:, ::-1], gt[0] * 2)  # full-resolution coordinates
-
-
-def test_20k_points_stay_responsive(make_napari_viewer):
-    from napari_denuc.results import Detections
     from napari_denuc.widget import layer as L
 
-    rng = np.random.default_rng(0)
-    n = 20000
-    det = Detections(rng.random((n, 2)) * 8000, rng.random(n), rng.integers(0, 3, n), ("a", "b", "c"), probs=rng.random((n, 3)))
-    viewer = make_napari_viewer()
-    t = time.perf_counter()
-    lyr = viewer.add_points(**L.layer_kwargs(det, "big"))
-    t_add = time.perf_counter() - t
-    t = time.perf_counter()
-    lyr.selected_data = set(range(0, n, 2))
-    L.set_class(lyr, lyr.selected_data, "c")
-    t_relabel = time.perf_counter() - t
-    assert (lyr.features["class"].iloc[::2] == "c").all()
-    np.testing.assert_allclose(lyr.face_color[::2, :3], np.tile(np.array((0, 120, 255)) / 255, (n // 2, 1)), atol=1e-6)
-    assert t_add < 5 and t_relabel < 2, (t_add, t_relabel)
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n = len(lyr.data)
+    m = L.margins(lyr.features, L.class_names(lyr))
+    order = np.argsort(m, kind="stable")
+    user.key(Qt.Key_N)
+    assert lyr.selected_data == {int(order[0])}
+    np.testing.assert_allclose(camera(viewer).center[-2:], lyr.data[order[0]], atol=1e-6)
+    user.key(Qt.Key_2)  # tumor, reviewed, next
+    assert lyr.features["class"].iloc[order[0]] == "tumor" and lyr.features["reviewed"].iloc[order[0]]
+    assert lyr.selected_data == {int(order[1])}
+    user.key(Qt.Key_R)  # confirm, next
+    assert lyr.features["reviewed"].iloc[order[1]]
+    assert lyr.selected_data == {int(order[2])}
+    assert w.review_label.text() == f"reviewed 2 / {n}, next confidence {m[order[2]]:.2f}"
+    user.key(Qt.Key_N, Qt.ShiftModifier)  # back
+    assert lyr.selected_data == {int(order[1])}
+    # only predicted stromal
+    w.review_filter.setCurrentText("stromal")
+    w.review_next()
+    i = next(iter(lyr.selected_data))
+    assert lyr.features["class"].iloc[i] == "stromal" and not lyr.features["reviewed"].iloc[i]
+    stromal_m = np.where((classes(lyr) == "stromal") & ~lyr.features["reviewed"].to_numpy(), m, np.inf)
+    assert i == int(np.argmin(stromal_m))
+
+
+# ------------------------------------------------------------------------- threshold
+def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
+    _, w = opened
+    lyr = detect(qtbot, w)
+    pipe = w.pipeline
+    calls = pipe.detector.calls
+    n_enc = pipe.encoder.calls
+    tau0 = w.tau_spin.value()
+    n0 = len(lyr.data)
+    # review one low-scoring nucleus: re-thresholding must never remove it
+    low = int(np.argmin(lyr.features["score"].to_numpy()))
+    lyr.selected_data = {low}
+    w.mark_selected_reviewed()
+    kept_rc = lyr.data[low].copy()
+    w.tau_spin.setValue(0.8)
+    assert pipe.detector.calls == calls and pipe.encoder.calls == n_enc  # no network run
+    xy_hi, _ = pipe.detect(sample_image, 0.5, tau=0.8)
+    model = lyr.features["source"].astype(str).to_numpy() == "model"
+    unrev = model & ~lyr.features["reviewed"].to_numpy()
+    got = {tuple(np.round(p, 3)) for p in lyr.data[unrev][:, ::-1]}
+    want = {tuple(np.round(p, 3)) for p in xy_hi} - {tuple(np.round(kept_rc[::-1], 3))}
+    assert got == want  # exactly the nuclei a detection at 0.8 finds
+    assert np.hypot(*(lyr.data - kept_rc).T).min() < 1e-6
+    assert w.tau_count.text().startswith(f"{len(xy_hi)} kept")
+    w.tau_spin.setValue(0.7)
+    assert [a.label for a in w._history(lyr).undo_stack[-2:]] == ["reviewed", "threshold"]  # moves coalesce
+    w.undo()
+    assert len(lyr.data) == n0 and w._history(lyr).undo_stack[-1].label == "reviewed"
+    assert w.tau_spin.value() == pytest.approx(tau0)  # the control follows the undo
+    assert lyr.features["reviewed"].iloc[low]
+    w.redo()
+    assert w.tau_spin.value() == pytest.approx(0.7)
+    assert np.hypot(*(lyr.data - kept_rc).T).min() < 1e-6  # the reviewed low scorer stays at 0.7 too
+
+
+# ------------------------------------------------------------------------- regions, levels, formats
+def test_field_of_view_and_shapes_roi(opened, qtbot, gt):
+    from napari_fakes import camera
+
+    viewer, w = opened
+    camera(viewer).center = (0, 150, 150)
+    camera(viewer).zoom = 6
+    qtbot.wait(100)
+    w.scope_combo.setCurrentText("Current field of view")
+    lyr = detect(qtbot, w)
+    n_fov = len(lyr.data)
+    assert 0 < n_fov < len(gt[0])
+    corners = viewer.layers["BRCA-M2C sample"].corner_pixels
+    rc = lyr.data
+    assert (rc >= corners[0][-2:] - 1).all() and (rc <= corners[1][-2:] + 1).all()
+    w.undo()
+    assert len(lyr.data) == 0
+    viewer.add_shapes([np.array([[0, 0], [0, 200], [200, 200], [200, 0]])], shape_type="polygon", name="roi")
+    w.scope_combo.setCurrentText("Inside Shapes ROI")
+    lyr = detect(qtbot, w)
+    xy = lyr.data[:, ::-1]
+    assert len(xy) and (xy <= 200).all()
+
+
+def test_multiscale_uses_level_nearest_model_mpp(make_napari_viewer, qtbot, env, gt, sample_image):
+    from napari_denuc.geometry import rescale_points
+    from napari_denuc.widget._widget import DenucWidget
+
+    up = np.repeat(np.repeat(sample_image, 2, 0), 2, 1)  # "40x": 0.25 mpp; level 1 is the 20x image
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image([up, sample_image], rgb=True, multiscale=True, name="pyramid", metadata={"mpp": 0.25})
+    w = open_widget(viewer, qtbot)
+    arr, f = DenucWidget._level_for(viewer.layers["pyramid"], 0.5, 0.25)
+    assert f == 2 and arr.shape == sample_image.shape
+    lyr = detect(qtbot, w)
+    # detection ran on level 1 and its points map to full resolution by the pixel-centre rule
+    xy_level, _ = w.pipeline.detect(sample_image, 0.5, tau=w.tau_spin.value())
+    np.testing.assert_allclose(np.sort(lyr.data[:, ::-1], 0), np.sort(rescale_points(xy_level, 2.0), 0), atol=1e-6)
+
+
+def test_rgba_and_16_bit_images_go_through_the_pipeline(make_napari_viewer, qtbot, env, sample_image):
+    viewer = make_napari_viewer(show=True)
+    rgba = np.concatenate([sample_image, np.full(sample_image.shape[:2] + (1,), 255, np.uint8)], 2)
+    viewer.add_image(rgba, rgb=True, name="rgba", metadata={"mpp": 0.5})
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    assert len(lyr.data) > 200
+    viewer.add_image(sample_image.astype(np.uint16) * 257, rgb=True, name="sixteen", metadata={"mpp": 0.5})
+    w.image_combo.setCurrentText("sixteen")
+    lyr16 = detect(qtbot, w)
+    assert lyr16.name == "sixteen nuclei" and len(lyr16.data) == len(lyr.data)
+
+
+# ------------------------------------------------------------------------- looks, layout, loading
+def test_layout_looks_and_public_api(make_napari_viewer, qtbot, env):
+    from napari_denuc.encoders import list_encoders
+    from napari_denuc.widget import layer as L
+    from napari_denuc.widget._widget import KEYS_HELP
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 720)
+    viewer.open_sample(*SAMPLE)
+    w = open_widget(viewer, qtbot)
+    qtbot.wait(50)
+    assert w.width() <= 0.3 * 1280
+    # nothing clipped: the dock's content fits the visible width (no horizontal scrolling needed)
+    assert w._inner.minimumSizeHint().width() <= w._scroll.viewport().width(), (
+        w._inner.minimumSizeHint().width(), w._scroll.viewport().width())
+    assert not w.models.body.isVisible()  # rarely used settings fold away
+    assert [w.encoder_combo.itemText(i) for i in range(w.encoder_combo.count())][1:] == list_encoders()
+    lyr = detect(qtbot, w)
+    assert lyr.help == KEYS_HELP and viewer.help == KEYS_HELP
+    lyr.mode = "add"
+    lyr.mode = "select"
+    assert lyr.help == KEYS_HELP
+    assert (lyr.face_color[:, 3] < 0.6).all()  # semi-transparent faces
+    np.testing.assert_allclose(lyr.size, L.MARKER_DIAMETER_UM / 0.5)
+    lyr.selected_data = {0}
+    w.mark_selected_reviewed()
+    np.testing.assert_allclose(lyr.border_color[0], L.REVIEWED_BORDER)
+    np.testing.assert_allclose(lyr.border_color[1], L.UNREVIEWED_BORDER)
+    # legend: show/hide a class
+    w.legend_checks["tumor"].setChecked(False)
+    tumor = classes(lyr) == "tumor"
+    np.testing.assert_array_equal(lyr.shown, ~tumor)
+    w.legend_checks["tumor"].setChecked(True)
+    assert lyr.shown.all()
+    # confidence view
+    w.confidence_check.setChecked(True)
+    conf = lyr.features["confidence"].to_numpy()
+    hi, lo = int(np.argmax(conf)), int(np.argmin(conf))
+    assert not np.allclose(lyr.face_color[hi], lyr.face_color[lo])
+    w.confidence_check.setChecked(False)
+    cm = L.color_map(L.class_names(lyr), L.class_colors(lyr))
+    np.testing.assert_allclose(lyr.face_color[0], cm[classes(lyr)[0]], atol=1e-6)
+    # marker size in micrometres
+    w.size_spin.setValue(10.0)
+    np.testing.assert_allclose(lyr.size, 20.0)
+
+
+def test_loading_models_then_detect_starts(make_napari_viewer, qtbot, env, monkeypatch, gt, sample_image):
+    import time as _time
+
+    from napari_fakes import fake_pipeline
+
+    from napari_denuc.widget import _widget
+
+    def slow(detector=None, encoder=None, head=None):
+        _time.sleep(1.0)
+        return fake_pipeline(gt[0], gt[1], sample_image)
+
+    monkeypatch.setattr(_widget, "make_pipeline", slow)
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(*SAMPLE)
+    _, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    assert w._loading and w.progress_bar.format() == "loading models…"
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)  # pressed while loading: runs when the models are in
+    qtbot.waitUntil(lambda: not w.is_busy() and w.points_layer() is not None, timeout=30000)
+    assert len(w.points_layer().data) > 200
+    assert not w._loading and w.progress_bar.value() == 100
+
+
+def test_cancel_leaves_everything(opened, qtbot):
+    _, w = opened
+    w.pipeline.detector.slow_s = 3.0
+    w.run_detection()
+    qtbot.wait(300)
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=10000)
+    assert w.points_layer() is None
+    assert "Cancelled" in w.status.text()
+
+
+def test_retrain_from_the_first_correction(opened, qtbot):
+    """No "at least 3 per class" check in the widget: one correction is enough to retrain."""
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    assert "Learned from 1 of your nuclei" in w.retrain_report.text()
+    w.answer_retrain(True)
+    assert lyr.features["class"].iloc[0] == "stromal"
+
+
+def test_whole_slide_needs_a_region(make_napari_viewer, qtbot, env):
+    """A slide-sized image on "Whole image" gets a clear message, not an out-of-memory crash."""
+    big = np.broadcast_to(np.uint8(200), (20000, 20000, 3))  # no memory behind it
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image([big, big[::2, ::2], big[::4, ::4]], rgb=True, multiscale=True, name="slide", metadata={"mpp": 0.25})
+    w = open_widget(viewer, qtbot)
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.points_layer() is None
+    assert "Current field of view" in w.status.text() and "10000 x 10000" in w.status.text()

@@ -122,11 +122,16 @@ class Pipeline:
         roi: tuple[float, float, float, float] | None = None,
         tau: float | None = None,
         nms_um: float | None = None,
-    ) -> Detections:
+        return_features: bool = False,
+    ) -> Detections | tuple[Detections, np.ndarray | None]:
         """Detect and classify nuclei in ``image`` (RGB, any size) at ``mpp``.
 
         ``roi`` = (x0, y0, x1, y1) restricts the work to a box, in input pixels; the
         returned points are always in the full image's pixel coordinates.
+
+        ``return_features=True`` returns ``(detections, features)``: the encoder features
+        (N, D) of the returned nuclei, row for row (None when the pipeline has no encoder).
+        The napari widget keeps them to retrain the head without encoding the image again.
         """
         image = as_rgb_uint8(image)
         x0 = y0 = 0
@@ -138,13 +143,28 @@ class Pipeline:
                 raise DenucError(f"the region {roi} does not overlap the {w}x{h} image")
             image = image[y0:y1, x0:x1]
         with_head = self.head is not None
-        xy, scores = self.detect(image, mpp, tau, nms_um, progress=_phase(progress, 0, 50 if with_head else 100))
+        want_feats = with_head or (return_features and self.encoder is not None)
+        xy, scores = self.detect(image, mpp, tau, nms_um, progress=_phase(progress, 0, 50 if want_feats else 100))
+        feats = None
+        if want_feats:
+            xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+            if len(xy):
+                feats = np.asarray(self.features_at(image, xy, mpp, progress=_phase(progress, 50, 50)), dtype=np.float32)
+            else:
+                feats = np.zeros((0, int(getattr(self.encoder, "feature_dim", 0) or 0)), np.float32)
         if with_head:
-            class_ids, probs, background = self.classify(image, xy, mpp, progress=_phase(progress, 50, 50))
+            k = len(self.head.class_names)
+            if len(xy):
+                probs = np.asarray(self.head.predict_proba(feats), dtype=np.float32)
+                background = np.asarray(self.head.background_proba(feats))
+            else:
+                probs, background = np.zeros((0, k), np.float32), np.zeros(0, np.float32)
+            class_ids = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
             real = background < 0.5  # a head with a background class rejects false detections
-            xy, scores, class_ids, probs = xy[real], scores[real], class_ids[real], probs[real]
+            xy, scores, class_ids, probs, feats = xy[real], scores[real], class_ids[real], probs[real], feats[real]
         else:
             class_ids, probs = np.zeros(len(xy), dtype=np.int64), None
         if progress is not None:
             progress(100, 100)
-        return Detections(xy + (x0, y0), scores, class_ids, self.class_names, self.class_colors, probs)
+        det = Detections(xy + (x0, y0), scores, class_ids, self.class_names, self.class_colors, probs)
+        return (det, feats) if return_features else det

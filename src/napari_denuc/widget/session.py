@@ -22,7 +22,7 @@ import pandas as pd
 from ..io.atomic import atomic_write
 
 FORMAT = "napari-denuc corrections"
-VERSION = 1
+VERSION = 2  # 2: per-nucleus ids ("nid") and "tombstones" (deleted model nuclei); 1 still reads
 _HASH_LIMIT = 256 * 2**20  # hash all pixels up to 256 MB; beyond, a strided sample + shape
 
 
@@ -92,6 +92,8 @@ def corrections_state(xy, features: pd.DataFrame, class_names, class_colors, key
         "source": features["source"].astype(str).tolist() if "source" in features else ["model"] * len(xy),
         "reviewed": np.asarray(features["reviewed"], dtype=bool).tolist() if "reviewed" in features else [False] * len(xy),
     }
+    if "nid" in features:
+        state["nid"] = np.asarray(features["nid"], dtype=np.int64).tolist()
     pcols = [f"prob_{n}" for n in names]
     if len(xy) and all(c in features for c in pcols):
         p = np.asarray(features[pcols], dtype=np.float64)
