@@ -224,3 +224,14 @@ def test_training_with_options_records_backbone_augmentation_and_tables(tmp_path
     assert side["architecture"]["backbone"] == "timm:efficientnet_lite0"
     assert side["training"]["config"]["augment"]["jpeg_p"] == 0.3 and side["training"]["config"]["freeze_stages"] == 3
     assert load_detector(tmp_path / "best.safetensors").model.backbone.lite
+
+
+def test_denuc_predict_warns_about_a_far_out_mpp(tmp_path):
+    from PIL import Image
+
+    from napari_denuc.cli.predict import main
+
+    Image.fromarray(_sample()[:160, :160]).save(tmp_path / "tile.png")
+    with pytest.warns(ResolutionWarning, match=r"mpp 2 .*factor 4\b"):
+        assert main([str(tmp_path / "tile.png"), "--mpp", "2.0", "--out", str(tmp_path / "out"), "--format", "csv", "--quiet"]) == 0
+    assert (tmp_path / "out" / "tile.csv").is_file()
