@@ -58,6 +58,8 @@ class Detector:
         from .infer import detect
 
         self.model.eval()
+        # Windows per forward pass: fewer for backbones whose early, full-resolution activations are wide.
+        options.setdefault("batch_size", getattr(self.model, "infer_batch", 4))
         return detect(
             self.model,
             image,
