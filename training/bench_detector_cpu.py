@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_detector import mosaic  # noqa: E402
+from bench_detector import mosaic
 
 
 def main():
