@@ -7,7 +7,10 @@ returns the class probabilities renormalised over the K nucleus classes and
 ``background_proba`` the per-point background probability.
 
 Saved as safetensors + a JSON sidecar ``<path>.json`` (encoder id, feature dim, class names,
-colours, mpp, training summary, metrics, creation time), both written atomically.
+colours, mpp, training summary, metrics, creation time), both written atomically. A head may
+carry a **prior sample** (``prior``: a stratified sample of its training features and labels),
+saved as ``<stem>.prior.safetensors`` beside it: retraining from corrections replays it so the
+updated head does not forget what it knew (``napari_denuc.retrain``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ FORMAT = "napari-denuc-linear-head/1"
 def sidecar_path(path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+def prior_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".prior.safetensors")
 
 
 class LinearHead:
@@ -57,6 +65,8 @@ class LinearHead:
         self.std = np.ones(self.feature_dim, dtype=np.float32)
         self.summary: dict = {}
         self.metadata: dict = {}
+        self.prior: tuple | None = None  # (features (N, D), labels (N,), class names) or None
+        self.path: Path | None = None  # where it was loaded from or saved to
 
     @property
     def num_classes(self) -> int:
@@ -247,9 +257,32 @@ class LinearHead:
         for k, v in extra.items():
             meta.setdefault(k, v) if k in ("format", "encoder_id", "feature_dim", "class_names") else meta.__setitem__(k, v)
         data = st_save(self.state_tensors(), metadata={"format": FORMAT, "encoder_id": self.encoder_id})
+        if self.prior is not None:
+            self._save_prior(prior_path(path))
         atomic_write(path, data)
         atomic_write(sidecar_path(path), (json.dumps(meta, indent=2, default=str) + "\n").encode())
+        self.path = path
         return path
+
+    def _save_prior(self, path: Path) -> None:
+        import torch
+        from safetensors.torch import save as st_save
+
+        x, y, names = self.prior
+        tensors = {"features": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16)),
+                   "labels": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}
+        atomic_write(path, st_save(tensors, metadata={"class_names": json.dumps(list(names))}))
+
+    @staticmethod
+    def _load_prior(path: Path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as f:
+                names = tuple(json.loads(f.metadata()["class_names"]))
+                return f.get_tensor("features").astype(np.float32), f.get_tensor("labels").astype(np.int64), names
+        except Exception as exc:
+            raise DenucError(f"could not read the prior sample {path} ({exc.__class__.__name__}); delete it to use the head without it") from None
 
     @classmethod
     def load(cls, path, encoder=None) -> "LinearHead":
@@ -287,6 +320,9 @@ class LinearHead:
             raise DenucError(f"{path} is not a valid napari-denuc head ({exc.__class__.__name__}: {exc})") from None
         head.summary = meta.get("training", {}) or {}
         head.metadata = {k: v for k, v in meta.items() if k not in ("format", "training")}
+        head.path = path
+        if prior_path(path).is_file():
+            head.prior = cls._load_prior(prior_path(path))
         if encoder is not None:
             enc_id = getattr(encoder, "id", "")
             enc_dim = int(getattr(encoder, "feature_dim", -1))

