@@ -195,6 +195,28 @@ def cmd_select(a) -> dict:
     return results
 
 
+def cmd_table(a):
+    """Markdown: per-site and mean F1 across thresholds at one NMS radius, for eval JSONs and recipes."""
+    columns = []  # (label, summarise() output)
+    for path in a.eval_json or []:
+        columns.append((Path(path).stem, summarise(json.loads(Path(path).read_text())["tables"])))
+    for recipe in a.recipe or []:
+        hist = {site: {h["epoch"]: h for h in json.loads((Path(a.out) / recipe / site / "last.json").read_text())["history"]
+                       if "table" in h} for site in SITES}
+        epoch = a.epoch or max(set.intersection(*[set(h) for h in hist.values()]))
+        columns.append((f"{recipe} (epoch {epoch})", summarise({site: hist[site][epoch]["table"] for site in SITES})))
+    head = "| tau | " + " | ".join(f"{label}: {' / '.join(SITES)} / **mean**" for label, _ in columns) + " |"
+    print(head)
+    print("|---|" + "---|" * len(columns))
+    taus = sorted({r["tau"] for r in columns[0][1]["rows"]})
+    for tau in taus:
+        cells = []
+        for _, summ in columns:
+            r = next(r for r in summ["rows"] if r["tau"] == tau and r["nms_um"] == a.nms_um)
+            cells.append(" / ".join(f"{r['per_site'][x]:.3f}" for x in r["per_site"]) + f" / **{r['mean_f1']:.3f}**")
+        print(f"| {tau:.2f} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -216,8 +238,14 @@ def main(argv=None):
     s.add_argument("--recipe", action="append", required=True)
     s.add_argument("--out", default="runs/loso")
     s.add_argument("--json")
+    tb = sub.add_parser("table")
+    tb.add_argument("--eval-json", action="append", help="output of 'eval --json' (three sites)")
+    tb.add_argument("--recipe", action="append")
+    tb.add_argument("--epoch", type=int, default=0, help="epoch of the recipes (default: the last evaluated)")
+    tb.add_argument("--nms-um", type=float, default=4.0)
+    tb.add_argument("--out", default="runs/loso")
     a = p.parse_args(argv)
-    {"eval": cmd_eval, "train": cmd_train, "select": cmd_select}[a.cmd](a)
+    {"eval": cmd_eval, "train": cmd_train, "select": cmd_select, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":
