@@ -3,9 +3,12 @@
 #   bash scripts/test.sh [pytest args...]
 # As root on Debian/Ubuntu, missing system libraries for Qt/OpenGL under Xvfb are installed
 # with apt (apt-get update runs only when something is missing). Then the package is installed
-# editable with all extras, and pytest runs under xvfb-run (or an Xvfb we start ourselves).
+# editable with all extras into the project's virtual environment .venv (scripts/_venv.sh),
+# `ruff check` lints the code, and pytest runs under xvfb-run (or an Xvfb we start ourselves).
+# DENUC_SKIP_LINT=1 skips the lint step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/_venv.sh
 
 APT_PACKAGES=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0
   libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0
@@ -20,16 +23,18 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    denuc_apt update -qq
+    denuc_apt install -y -qq --no-install-recommends "${missing[@]}"
   fi
 elif [ "$(id -u)" != "0" ]; then
   echo "scripts/test.sh: not root, skipping apt (napari tests need xvfb and the Qt/OpenGL libraries)" >&2
 fi
 
-PYTHON="${PYTHON:-python}"
-"$PYTHON" -m pip install -q -e ".[all]"
+denuc_venv "all"
+PYTHON="$PY"
+if [ -z "${DENUC_SKIP_LINT:-}" ]; then
+  "$PYTHON" -m ruff check .   # configured in pyproject.toml; fails the run on lint errors
+fi
 
 export QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-xcb}"
 export NAPARI_DENUC_REQUIRE_DISPLAY=1   # napari tests must run here, not skip

@@ -44,7 +44,7 @@ def test_predict_sample_and_bad_input(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
     out = tmp_path / "out"
-    r = run("predict", "--sample", bad, "--out", out, "--quiet", "--overlay", "--encoder", "lite")
+    r = run("predict", "--sample", bad, "--out", out, "--quiet", "--overlay", "--encoder", "lite", "--geojson-per-class")
     assert r.returncode == 1, r.stderr  # one input failed, the other finished
     assert "broken.png: FAILED" in r.stderr
     stem = "TCGA-A8-A07P-01Z-00-DX1_13001_35001_1000_1000_0.93"
@@ -53,6 +53,19 @@ def test_predict_sample_and_bad_input(tmp_path):
     f = gj["features"][0]
     assert f["geometry"]["type"] == "Point" and f["properties"]["objectType"] == "detection"
     assert {"name", "color"} <= set(f["properties"]["classification"]) and "score" in f["properties"]["measurements"]
+    # what QuPath users filter on: score, one probability per class, source and reviewed
+    classes = json.loads((out / f"{stem}.summary.json").read_text())["classes"]
+    for feat in gj["features"]:
+        m = feat["properties"]["measurements"]
+        assert set(m) == {"score", "reviewed", "source"} | {f"prob {c}" for c in classes}
+        assert abs(sum(m[f"prob {c}"] for c in classes) - 1) < 1e-4 and 0 < m["score"] <= 1
+        assert m["reviewed"] == 0 and m["source"] == 0 and feat["properties"]["metadata"] == {"source": "model"}
+        best = max(classes, key=lambda c: m[f"prob {c}"])
+        assert feat["properties"]["classification"]["name"] == best
+    # --geojson-per-class: one file per class, together the whole set
+    per_class = {c: json.loads((out / f"{stem}.{c}.geojson").read_text())["features"] for c in classes}
+    assert sum(len(v) for v in per_class.values()) == len(gj["features"])
+    assert all(ft["properties"]["classification"]["name"] == c for c, v in per_class.items() for ft in v)
     header = (out / f"{stem}.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["x", "y", "class", "score"]
     assert (out / f"{stem}.overlay.png").stat().st_size > 1000

@@ -80,11 +80,17 @@ def test_save_load_round_trip_and_encoder_check(tmp_path):
         LinearHead.load(tmp_path / "nope.safetensors")
 
 
-def test_fit_20k_by_256_is_fast():
+def test_fit_20k_by_256_learns_the_signal():
+    """At the size a whole data set's features reach, the fit finds the 3 informative dims.
+
+    (Its time is measured by training/bench_head.py, not asserted here.)
+    """
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 20000)
-    x = rng.normal(size=(20000, 256)).astype(np.float32)
-    x[:, :3] += np.eye(3, dtype=np.float32)[y]
+    y = rng.integers(0, 3, 24000)
+    x = rng.normal(size=(24000, 256)).astype(np.float32)
+    x[:, :3] += 3 * np.eye(3, dtype=np.float32)[y]
     head = LinearHead(256, ["a", "b", "c"])
-    summary = head.fit(x, y)
-    assert summary["seconds"] < 60  # typically ~1 s; generous for a shared CI machine
+    head.fit(x[:20000], y[:20000])
+    assert (head.predict(x[20000:]) == y[20000:]).mean() > 0.9  # the Bayes rule (argmax of the 3 dims) gets 0.969
+    w = np.abs(head.linear.weight.detach().numpy())
+    assert w[:, :3].mean() > 5 * w[:, 3:].mean()  # the weight sits on the informative dims

@@ -11,8 +11,8 @@ import pytest
 from napari_denuc.errors import DenucError
 from napari_denuc.io import atomic
 from napari_denuc.io.atomic import atomic_write
-from napari_denuc.io.csv import read_csv, write_csv
-from napari_denuc.io.geojson import geojson_dict, read_geojson, write_geojson
+from napari_denuc.io.csv import read_csv, write_csv, write_csv_chunks
+from napari_denuc.io.geojson import geojson_dict, read_geojson, write_geojson, write_geojson_chunks
 from napari_denuc.io.points import read_points, write_points
 from napari_denuc.results import Detections
 
@@ -56,7 +56,10 @@ def test_geojson_layout_is_what_qupath_reads(det):
     assert f["geometry"] == {"type": "Point", "coordinates": [30.75, 41.0]}  # QuPath pixel centres at +0.5
     assert f["properties"]["objectType"] == "detection"
     assert f["properties"]["classification"] == {"name": "lymphocyte", "color": [0, 0, 200]}
-    assert f["properties"]["measurements"] == pytest.approx({"score": 0.5, "prob tumor": 0.3, "prob lymphocyte": 0.7})
+    assert f["properties"]["measurements"] == pytest.approx(
+        {"score": 0.5, "prob tumor": 0.3, "prob lymphocyte": 0.7, "reviewed": 0, "source": 0}
+    )
+    assert f["properties"]["metadata"] == {"source": "model"}
     assert len({g["id"] for g in d["features"]}) == 3
 
 
@@ -204,7 +207,7 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_csv_round_trip(tmp_path, det):
     path = write_points(tmp_path / "a.csv", det)
     lines = path.read_text().splitlines()
-    assert lines[0] == "x,y,class,score,prob_tumor,prob_lymphocyte"
+    assert lines[0] == "x,y,class,score,prob_tumor,prob_lymphocyte,source,reviewed"
     assert lines[1].startswith("10.000,20.000,tumor,0.9,")
     assert_same(det, read_points(path))
     det.probs = None
@@ -295,3 +298,129 @@ def test_write_geojson_is_atomic(tmp_path, det, monkeypatch):
     with pytest.raises(OSError):
         write_geojson(path, Detections(np.zeros((0, 2)), [], []))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.geojson"]
+
+
+# ---------------------------------------------------------------- source / reviewed
+
+
+def flagged(det):
+    det.source = np.array(["model", "user", "my tool, v2"], dtype=object)
+    det.reviewed = np.array([False, True, True])
+    return det
+
+
+def test_source_and_reviewed_default_and_broadcast(det):
+    assert det.source.tolist() == ["model"] * 3 and det.reviewed.tolist() == [False] * 3
+    d = Detections(det.xy, det.scores, det.class_ids, det.class_names, source="imported", reviewed=True)
+    assert d.source.tolist() == ["imported"] * 3 and d.reviewed.tolist() == [True] * 3
+    d.source[0] = "a longer source name"  # object dtype: no silent truncation
+    assert d.source[0] == "a longer source name"
+    sub = flagged(det).take([2, 0])
+    assert sub.source.tolist() == ["my tool, v2", "model"] and sub.reviewed.tolist() == [True, False]
+    assert sub.xy.tolist() == [[0.0, 0.0], [10.0, 20.0]] and sub.class_ids.tolist() == [1, 0]
+    np.testing.assert_allclose(sub.probs, [[0.1, 0.9], [0.8, 0.2]])
+
+
+def test_geojson_source_reviewed_as_qupath_keeps_them(tmp_path, det):
+    d = geojson_dict(flagged(det))
+    props = [f["properties"] for f in d["features"]]
+    # QuPath keeps numeric measurements and string metadata: reviewed 0/1, source as both
+    assert [p["measurements"]["reviewed"] for p in props] == [0, 1, 1]
+    assert [p["measurements"].get("source") for p in props] == [0, 1, None]  # unknown name: no code
+    assert [p["metadata"]["source"] for p in props] == ["model", "user", "my tool, v2"]
+    back = read_geojson(write_geojson(tmp_path / "a.geojson", det))
+    assert back.source.tolist() == ["model", "user", "my tool, v2"]
+    assert back.reviewed.tolist() == [False, True, True]
+    assert_same(det, back)
+
+
+def test_geojson_source_from_qupath_05_export(tmp_path):
+    # QuPath 0.5 drops metadata of detections: only the numeric code survives its export.
+    def feat(measurements, **props):
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [1.5, 2.5]},
+            "properties": {"objectType": "detection", "measurements": measurements, **props},
+        }
+
+    path = write_json(
+        tmp_path / "q.geojson",
+        [
+            feat({"score": 0.5, "source": 2, "reviewed": 1.0}),
+            feat({"score": 0.5, "source": 1}, source="plain property"),
+            feat({"score": 0.5}),  # drawn in QuPath: no measurements of ours
+            feat([{"name": "reviewed", "value": 1}, {"name": "source", "value": 3}]),  # QuPath 0.2 list
+            feat({"reviewed": float("nan"), "source": 7}),  # out-of-range code, NaN flag
+        ],
+    )
+    back = read_geojson(path)
+    assert back.source.tolist() == ["imported", "plain property", "model", "edited", "model"]
+    assert back.reviewed.tolist() == [True, False, False, True, False]
+
+
+def test_csv_source_reviewed_round_trip(tmp_path, det):
+    path = write_csv(tmp_path / "a.csv", flagged(det))
+    lines = path.read_text().splitlines()
+    assert lines[3].endswith(',"my tool, v2",1') and lines[1].endswith(",model,0")
+    back = read_csv(path)
+    assert back.source.tolist() == ["model", "user", "my tool, v2"]
+    assert back.reviewed.tolist() == [False, True, True]
+    assert_same(det, back)
+    # hand-written files: true/false flags, missing columns fall back to the defaults
+    (tmp_path / "b.csv").write_text("x,y,reviewed,source\n1,2,true,user\n3,4,,\n")
+    b = read_csv(tmp_path / "b.csv")
+    assert b.reviewed.tolist() == [True, False] and b.source.tolist() == ["user", "model"]
+    assert read_csv(tmp_path / "b.csv").class_names == ("nucleus",)
+    (tmp_path / "c.csv").write_text("x,y,reviewed\n1,2,maybe\n")
+    with pytest.raises(DenucError, match="line 2"):
+        read_csv(tmp_path / "c.csv")
+
+
+def test_point_files_round_trip_flags_by_suffix(tmp_path, det):
+    flagged(det)
+    for name in ("a.csv", "a.geojson", "a.geojson.gz"):
+        back = read_points(write_points(tmp_path / name, det))
+        assert back.source.tolist() == det.source.tolist(), name
+        assert back.reviewed.tolist() == det.reviewed.tolist(), name
+
+
+# ---------------------------------------------------------------- streaming writers
+
+
+def _chunks(det):
+    return [det.take([0]), det.take([]), det.take([1, 2])]
+
+
+@pytest.mark.parametrize("name", ["s.geojson", "s.geojson.gz"])
+def test_geojson_chunks_equal_one_piece(tmp_path, det, name):
+    flagged(det)
+    back = read_geojson(write_geojson_chunks(tmp_path / name, _chunks(det)))
+    assert_same(det, back)
+    assert back.source.tolist() == det.source.tolist() and back.reviewed.tolist() == det.reviewed.tolist()
+    empty = write_geojson_chunks(tmp_path / ("e" + name), [])
+    raw = gzip.decompress(empty.read_bytes()) if name.endswith(".gz") else empty.read_bytes()
+    assert json.loads(raw) == {"type": "FeatureCollection", "features": []}
+
+
+def test_csv_chunks_equal_one_piece(tmp_path, det):
+    flagged(det)
+    a = write_csv_chunks(tmp_path / "a.csv", _chunks(det)).read_text()
+    assert a == write_csv(tmp_path / "b.csv", det).read_text()
+    assert write_csv_chunks(tmp_path / "e.csv", []).read_text() == "x,y,class,score,source,reviewed\n"
+    other = Detections(det.xy, det.scores, det.class_ids, ("x", "y"), probs=det.probs)
+    with pytest.raises(ValueError, match="disagree"):
+        write_csv_chunks(tmp_path / "c.csv", [det, other])
+    assert not (tmp_path / "c.csv").exists() and not list(tmp_path.glob(".c.csv.*"))  # no torn file
+
+
+def test_streamed_geojson_failure_leaves_old_file(tmp_path, det):
+    path = write_geojson(tmp_path / "a.geojson", det)
+    before = path.read_bytes()
+
+    def broken():
+        yield det
+        raise RuntimeError("tile store vanished")
+
+    with pytest.raises(RuntimeError):
+        write_geojson_chunks(path, broken())
+    assert path.read_bytes() == before and not list(tmp_path.glob(".a.geojson.*"))

@@ -102,7 +102,8 @@ def test_predict_exact_no_seam_duplicates(slides, tmp_path):
     import pandas as pd
 
     df = pd.read_parquet(tmp_path / "a.parquet")
-    assert list(df.columns) == ["x", "y", "class", "score", "prob_tumour", "prob_other"]
+    assert list(df.columns) == ["x", "y", "class", "score", "prob_tumour", "prob_other", "source", "reviewed"]
+    assert set(df["source"]) == {"model"} and not df["reviewed"].any()
     from napari_denuc.io.csv import read_csv
     from napari_denuc.io.geojson import read_geojson
 
@@ -278,3 +279,111 @@ def test_openslide_reader_matches_tiffslide(slides, tmp_path):
     r = predict_slides([ndpi], tmp_path / "out", BlobFactory(), **TILE)
     assert r.ok, [s.error for s in r.slides]
     assert as_set(points(tmp_path / "out", "a")) == as_set(gt["a"])
+
+
+def test_geojson_per_class_files(slides, tmp_path):
+    from napari_denuc.io.geojson import read_geojson
+
+    d, gt = slides
+    r = predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("geojson",), geojson_per_class=True, **TILE)
+    assert r.ok, r.slides[0].error
+    whole = read_geojson(tmp_path / "a.geojson")
+    counts = r.slides[0].summary["counts"]
+    assert sum(counts.values()) == len(whole) == len(gt["a"])
+    for k, name in enumerate(whole.class_names):
+        one = read_geojson(tmp_path / f"a.{name}.geojson")
+        assert set(one.class_names) <= {name} and len(one) == counts[name]
+        assert as_set(one.xy) == as_set(whole.xy[whole.class_ids == k])
+    assert set(r.slides[0].outputs) == {"geojson"} | {f"geojson:{n}" for n in whole.class_names}
+    # up to date only while the per-class files are there
+    (tmp_path / f"a.{whole.class_names[0]}.geojson").unlink()
+    r2 = predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("geojson",), geojson_per_class=True, **TILE)
+    assert r2.slides[0].status == "done" and (tmp_path / f"a.{whole.class_names[0]}.geojson").is_file()
+    with pytest.raises(DenucError, match="geojson"):
+        predict_slides([d / "a.tif"], tmp_path, BlobFactory(), formats=("csv",), geojson_per_class=True, **TILE)
+
+
+def test_per_class_names_are_file_safe(tmp_path):
+    from napari_denuc.wsi.outputs import per_class_path
+
+    assert per_class_path(tmp_path / "s.geojson.gz", "Tumor: Positive").name == "s.Tumor_Positive.geojson.gz"
+    assert per_class_path(tmp_path / "s.geojson", "../x").name == "s._x.geojson"
+
+
+def _synthetic_chunks(n_chunks, per_chunk=1000):
+    from napari_denuc.results import Detections
+
+    def chunks():
+        rng = np.random.default_rng(0)
+        for _ in range(n_chunks):
+            p = rng.random((per_chunk, 3)).astype(np.float32)
+            yield Detections(rng.random((per_chunk, 2)) * 1e5, rng.random(per_chunk), p.argmax(1), ("a", "b", "c"), probs=p / p.sum(1, keepdims=True))
+
+    return chunks
+
+
+def test_outputs_stream_in_memory_independent_of_nucleus_count(tmp_path, monkeypatch):
+    """Peak traced memory of writing all formats is the same for 5 and 20 chunks (one tile at a time)."""
+    import tracemalloc
+
+    import pandas as pd
+
+    from napari_denuc.io.csv import read_csv
+    from napari_denuc.io.geojson import read_geojson
+    from napari_denuc.wsi import outputs
+    from napari_denuc.wsi.outputs import output_paths, write_outputs
+
+    monkeypatch.setattr(outputs, "PARQUET_ROW_GROUP", 2000)  # so 20 chunks span several row groups
+    peaks = {}
+    for n in (5, 20):
+        paths = output_paths(tmp_path / str(n), "s", gzip=True)
+        tracemalloc.start()
+        write_outputs(paths, _synthetic_chunks(n), gzip=True)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(pd.read_parquet(paths["parquet"])) == n * 1000
+        assert len(read_csv(paths["csv"])) == n * 1000
+        assert len(read_geojson(paths["geojson"])) == n * 1000
+    # holding 20000 features' text alone would take > 6 MB; the writers stay at one chunk's worth
+    assert peaks[20] < 1.25 * peaks[5], peaks
+
+
+def test_set_threads_limits_loaded_pools():
+    """After numpy and torch are loaded, env vars no longer matter: the limits must still hold."""
+    code = textwrap.dedent(
+        """
+        import json, numpy, torch
+        from threadpoolctl import threadpool_info
+        from napari_denuc.wsi.worker import set_threads
+        before = torch.get_num_threads()
+        set_threads(1)
+        print(json.dumps({"before": before, "torch": torch.get_num_threads(),
+                          "pools": [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["torch"] == 1
+    assert info["pools"] and all(n == 1 for _, n in info["pools"]), info
+    if os.cpu_count() > 1:
+        assert info["before"] > 1  # the limit did something
+
+
+def test_batch_size_reaches_the_detector_without_patching():
+    from napari_denuc.pipeline import Pipeline
+    from napari_denuc.wsi.factory import PipelineFactory
+
+    calls = []
+
+    class Recorder:
+        tau, nms_um = 0.5, 2.0
+
+        def detect(self, image, mpp, **kw):
+            calls.append(kw)
+            return np.zeros((0, 2)), np.zeros(0, np.float32)
+
+    Pipeline(Recorder(), detect_options={"batch_size": 3}).run(np.zeros((8, 8, 3), np.uint8), 0.5)
+    assert calls[0]["batch_size"] == 3
+    pipe = PipelineFactory(encoder="lite", batch_size=5).pipeline()
+    assert pipe.detect_options == {"batch_size": 5} and "detect" not in vars(pipe.detector)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loso_heads import RUNS, detections, fit_head, load_features, load_samples, score, site_of  # noqa: E402
+from loso_heads import detections, fit_head, load_features, load_samples, score, site_of  # noqa: E402
 
 KS = (1, 10, 30, 100, 300)
 

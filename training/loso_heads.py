@@ -116,10 +116,21 @@ def features(config: str, root):
 
 
 def load_features(config, samples):
+    """Cached features of ``config``; ``a|b`` concatenates two configurations, ``a[i:j]`` keeps
+    columns i..j-1 (e.g. to drop a stage without re-encoding)."""
+    if "|" in config:
+        parts = [load_features(c, samples) for c in config.split("|")]
+        return {n: {k: np.concatenate([p[n][k] for p in parts], axis=1) for k in parts[0][n] if all(k in p[n] for p in parts)}
+                for n in parts[0]}
+    cols = slice(None)
+    if config.endswith("]"):
+        config, rng = config[:-1].split("[")
+        a, b = rng.split(":")
+        cols = slice(int(a) if a else None, int(b) if b else None)
     out = {}
     for s in samples:
         z = np.load(RUNS / config / f"{Path(s.name).stem}.npz", allow_pickle=False)
-        out[s.name] = {k: z[k].astype(np.float32) for k in z.files}
+        out[s.name] = {k: z[k][:, cols].astype(np.float32) for k in z.files}
     return out
 
 

@@ -28,3 +28,7 @@ xvfb-run -a -s "-screen 0 1280x1024x24" python training/bench_widget.py --json "
 
 # Whole slide: 8192 x 8192 pyramidal TIFF, default offline pipeline; Dask 1 vs 2 workers; resume.
 python training/bench_wsi.py --size 8192 > "$R/bench_wsi.json"
+
+# Export from the per-tile store: 2 million synthetic nuclei, peak RSS (GeoJSON, CSV, Parquet); head fit time.
+python training/bench_export.py > "$R/bench_export.json"
+python training/bench_head.py > "$R/bench_head.json"

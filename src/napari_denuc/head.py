@@ -25,14 +25,10 @@ import numpy as np
 
 from .errors import DenucError
 from .io.atomic import atomic_write
+from .io.naming import sidecar_path
 from .results import default_colors
 
 FORMAT = "napari-denuc-linear-head/1"
-
-
-def sidecar_path(path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 def prior_path(path) -> Path:

@@ -13,11 +13,15 @@ from .errors import DenucError
 from .io.images import as_rgb_uint8
 from .results import Detections
 
-BUNDLED_HEAD = "lite_head.safetensors"
+# Heads shipped in weights/, per encoder. The lite head reads the bundled detector's neck, so it
+# fits only that detector; the effnet head does not depend on the detector.
+BUNDLED_HEADS = {"effnet-lite0": "effnet_lite0_head.safetensors", "lite": "lite_head.safetensors"}
 
 
-def bundled_head_path() -> Path:
-    return Path(str(resources.files("napari_denuc") / "weights" / BUNDLED_HEAD))
+def bundled_head_path(encoder: str = "effnet-lite0") -> Path | None:
+    """The head shipped for ``encoder`` (None when there is none)."""
+    name = BUNDLED_HEADS.get(encoder)
+    return Path(str(resources.files("napari_denuc") / "weights" / name)) if name else None
 
 
 def default_encoder_name() -> str:
@@ -41,10 +45,12 @@ class Pipeline:
     ``nucleus`` (train a head from corrections in napari, or with ``denuc-train head``).
     """
 
-    def __init__(self, detector, encoder=None, head=None):
+    def __init__(self, detector, encoder=None, head=None, detect_options: dict | None = None):
         self.detector = detector
         self.encoder = encoder
         self.head = head
+        # extra keyword arguments of every detector call, e.g. {"batch_size": 8} (windows per forward pass)
+        self.detect_options = dict(detect_options or {})
         if head is not None and encoder is not None and head.feature_dim != encoder.feature_dim:
             raise DenucError(
                 f"the head expects {head.feature_dim}-d features from encoder {head.encoder_id!r}, "
@@ -53,8 +59,8 @@ class Pipeline:
 
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
-        """Build from paths/names; None means the bundled detector, the default encoder and, for
-        ``lite`` with the bundled detector, the bundled head."""
+        """Build from paths/names; None means the bundled detector, the default encoder and its
+        bundled head (for ``lite`` only with the bundled detector)."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .head import LinearHead
@@ -62,9 +68,9 @@ class Pipeline:
         det = load_detector(detector, device=device)
         name = encoder or default_encoder_name()
         enc = get_encoder(name, detector=det.model, weights=encoder_weights, device=device)
-        # The bundled head reads lite features made with the bundled detector's neck: it fits no other detector.
-        if head is None and name == "lite" and detector is None and bundled_head_path().is_file():
-            head = bundled_head_path()
+        shipped = bundled_head_path(name) if encoder_weights is None else None
+        if head is None and shipped is not None and shipped.is_file() and (name != "lite" or detector is None):
+            head = shipped
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)
 
@@ -85,7 +91,7 @@ class Pipeline:
         return tuple(self.head.class_colors) if self.head is not None else ()
 
     def detect(self, image, mpp: float, tau=None, nms_um=None, progress=None):
-        return self.detector.detect(image, mpp, tau=tau, nms_um=nms_um, progress=progress)
+        return self.detector.detect(image, mpp, tau=tau, nms_um=nms_um, progress=progress, **self.detect_options)
 
     def features_at(self, image, xy, mpp: float, progress=None) -> np.ndarray:
         if self.encoder is None:

@@ -21,6 +21,9 @@ DEFAULT_COLORS = (
 )
 
 
+DEFAULT_SOURCE = "model"  # source of a nucleus when a file or caller says nothing
+
+
 def default_colors(n: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n))
 
@@ -54,6 +57,10 @@ class Detections:
     ``xy`` is (N, 2) in full-resolution pixel coordinates of the input image,
     x to the right and y down (the QuPath / GeoJSON convention).
     ``class_ids`` index ``class_names``; ``probs`` is (N, K) or None.
+
+    ``source`` (N,) str says where each nucleus comes from (``"model"``, ``"user"``,
+    ``"imported"``... free text) and ``reviewed`` (N,) bool whether a person checked it.
+    Both may be given as one scalar for all nuclei; absent they are ``"model"`` and ``False``.
     """
 
     xy: np.ndarray
@@ -62,6 +69,8 @@ class Detections:
     class_names: tuple[str, ...] = ("nucleus",)
     class_colors: tuple[tuple[int, int, int], ...] = field(default=())
     probs: np.ndarray | None = None
+    source: np.ndarray | str | None = None
+    reviewed: np.ndarray | bool | None = None
 
     def __post_init__(self):
         self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)
@@ -74,9 +83,32 @@ class Detections:
         self.class_colors = tuple(tuple(int(v) for v in c) for c in self.class_colors)
         if self.probs is not None:
             self.probs = np.asarray(self.probs, dtype=np.float32).reshape(n, len(self.class_names))
+        # object dtype, not a fixed-width "<U": a later "imported" must fit where "user" was
+        src = DEFAULT_SOURCE if self.source is None else self.source
+        self.source = np.array(np.broadcast_to(np.asarray(src, dtype=object), (n,)), dtype=object)
+        if not all(isinstance(v, str) for v in self.source):
+            self.source = np.array([str(v) for v in self.source], dtype=object)
+        rev = False if self.reviewed is None else self.reviewed
+        self.reviewed = np.broadcast_to(np.asarray(rev, dtype=bool), (n,)).copy()
 
     def __len__(self) -> int:
         return len(self.xy)
+
+    def take(self, index) -> Detections:
+        """The nuclei at ``index`` (a boolean mask or integer indices), same classes and colours."""
+        index = np.asarray(index)
+        if index.dtype != bool:
+            index = index.astype(np.intp)  # an empty list arrives as float64
+        return Detections(
+            self.xy[index],
+            self.scores[index],
+            self.class_ids[index],
+            self.class_names,
+            self.class_colors,
+            None if self.probs is None else self.probs[index],
+            self.source[index],
+            self.reviewed[index],
+        )
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.class_ids == k).sum()) for k, name in enumerate(self.class_names)}

@@ -5,11 +5,12 @@ other tiles it did worse than the head it replaced (f_avg 0.48 -> 0.37 after 100
 So the new head *updates* the old one instead (:func:`update_head`):
 
 * it starts from the old head's weights, in the old head's feature standardisation;
-* it refits on the old head's **prior sample** (``LinearHead.prior``: a stratified sample of its
-  training features, stored beside it as ``<head>.prior.safetensors``) plus the corrections, each
-  weighted ``CORRECTION_WEIGHT`` times (all of them together at most as much as the prior): the
-  prior keeps every class's behaviour where the user said nothing, the weight lets a handful of
-  corrections matter;
+* on the old head's **prior sample** (``LinearHead.prior``: a stratified sample of its training
+  features, stored beside it as ``<head>.prior.safetensors``) the new head is taught the old
+  head's own probabilities (distillation, as in "Learning without Forgetting"), and on the
+  corrections their labels, each weighted ``CORRECTION_WEIGHT`` times (all of them together at
+  most as much as the prior). With no corrections the optimum is exactly the old head; a
+  refit on the prior's labels instead drifted from it (f_avg -0.02 after one correction);
 * the penalty pulls the weights toward the old head's (not toward zero), so with no prior
   sample (a head trained elsewhere) the update is still a small step from the old head;
 * classes new to the head get a fresh row; the old classes keep theirs.
@@ -97,8 +98,9 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
                 correction_weight: float = CORRECTION_WEIGHT, anchor: float = ANCHOR, iterations: int = 100):
     """A new head: ``old_head`` updated with (``features``, ``labels`` indexing ``class_names``).
 
-    ``prior`` = (features, labels, class_names) replayed at weight 1 (see the module docstring).
-    ``old_head=None`` fits a plain head on the corrections (and prior) alone.
+    ``prior`` = (features, labels, class_names): with an old head, the new head is taught the
+    old head's own probabilities on these features (distillation: with no corrections the
+    optimum *is* the old head); without one, their labels. See the module docstring.
     """
     import torch
 
@@ -107,29 +109,34 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
     x = np.asarray(features, dtype=np.float32).reshape(len(labels), -1)
     y = np.asarray(labels, dtype=np.int64)
     names = tuple(class_names)
-    if len(names) < 2:
+    k = len(names)
+    if k < 2:
         raise DenucError("the head needs at least two classes; add a class, label some nuclei with it and retrain")
-    if len(y) and (y.min() < 0 or y.max() >= len(names)):
+    if len(y) and (y.min() < 0 or y.max() >= k):
         raise DenucError(f"labels must index the classes {list(names)}")
     dim = x.shape[1] if len(x) else old_head.feature_dim
     if old_head is not None:
-        old_names = tuple(old_head.class_names)
         if getattr(old_head, "background", False):
             raise DenucError("heads with a background class cannot be updated from corrections; train one with denuc-train head")
         if old_head.feature_dim != dim:
             raise DenucError(f"the current head expects {old_head.feature_dim}-d features, the corrections have {dim}-d")
-        to_new = _relabel(np.arange(len(old_names)), old_names, names)  # old class i -> new index
+        to_new = _relabel(np.arange(old_head.num_classes), old_head.class_names, names)  # old class i -> new index
+    targets = np.eye(k, dtype=np.float32)[y]
     n_prior = len(prior[1]) if prior is not None else 0
     # Each correction counts ``correction_weight`` times, but all of them together never
     # outweigh the prior: the head must keep working where the user said nothing.
     weight = min(float(correction_weight), max(n_prior, PRIOR_SIZE) / max(len(y), 1))
     w = np.full(len(y), weight, dtype=np.float32)
     if n_prior:
-        px, py, pnames = prior
-        x = np.concatenate([np.asarray(px, np.float32), x])
-        y = np.concatenate([_relabel(py, pnames, names), y])
-        w = np.concatenate([np.ones(len(py), np.float32), w])
-    if not len(y):
+        px = np.asarray(prior[0], np.float32)
+        if old_head is not None:
+            soft = np.zeros((n_prior, k), np.float32)
+            soft[:, to_new] = old_head.predict_proba(px)
+        else:
+            soft = np.eye(k, dtype=np.float32)[_relabel(prior[1], prior[2], names)]
+        x, targets = np.concatenate([px, x]), np.concatenate([soft, targets])
+        w = np.concatenate([np.ones(n_prior, np.float32), w])
+    if not len(x):
         raise DenucError("nothing to train on: label or review some nuclei first")
 
     colors = class_colors
@@ -139,9 +146,8 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
         colors = None if any(c is None for c in colors) else colors
     head = LinearHead(dim, names, class_colors=colors, encoder_id=getattr(old_head, "encoder_id", ""),
                       mpp=getattr(old_head, "mpp", 0.5))
-    k = len(names)
     w0 = torch.zeros(k, dim)
-    counts = np.bincount(y, weights=w, minlength=k) + 1.0
+    counts = (targets * w[:, None]).sum(axis=0) + 1.0
     b0 = torch.from_numpy(np.log(counts / counts.sum()).astype(np.float32))
     if old_head is not None:
         head.mean, head.std = old_head.mean.copy(), old_head.std.copy()  # the old weights live in this space
@@ -152,10 +158,10 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
         head.mean = x.mean(axis=0).astype(np.float32)
         head.std = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
     xt = torch.from_numpy((x - head.mean) / head.std)
-    yt = torch.from_numpy(y)
+    tt = torch.from_numpy(targets)
     # Normalised as if the prior held at least PRIOR_SIZE examples: without a prior sample, a few
     # corrections are a few examples among the many the old head was fitted on, a small step.
-    wt = torch.from_numpy(w / max(float(w.sum()), PRIOR_SIZE + float(w[len(w) - len(labels):].sum())))
+    wt = torch.from_numpy(w / max(float(w.sum()), PRIOR_SIZE + weight * len(y)))
     lin = torch.nn.Linear(dim, k)
     with torch.no_grad():
         lin.weight.copy_(w0)
@@ -165,7 +171,7 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
 
     def closure():
         opt.zero_grad()
-        ce = torch.nn.functional.cross_entropy(lin(xt), yt, reduction="none")
+        ce = torch.nn.functional.cross_entropy(lin(xt), tt, reduction="none")
         # The bias is anchored too: otherwise its optimum is the corrections' alone, whatever their weight.
         loss = (ce * wt).sum() + 0.5 * anchor * (((lin.weight - w0) ** 2).sum() + ((lin.bias - b0) ** 2).sum())
         loss.backward()
@@ -173,8 +179,7 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
 
     opt.step(closure)
     head.linear = lin
-    head.summary = {"update": {"corrections": int(len(labels)), "prior": int(len(y) - len(labels)),
-                               "correction_weight": float(correction_weight), "anchor": float(anchor)}}
+    head.summary = {"update": {"corrections": int(len(y)), "prior": n_prior, "correction_weight": weight, "anchor": float(anchor)}}
     return head
 
 

@@ -26,6 +26,10 @@ def build_parser():
     p.add_argument("--head", help="linear head (default: the bundled lite head when the encoder is lite)")
     p.add_argument("--format", default=None, help="comma-separated outputs among geojson,csv,parquet (default: all available)")
     p.add_argument("--gzip", action="store_true", help="write .geojson.gz")
+    p.add_argument(
+        "--geojson-per-class", action="store_true",
+        help="also write <stem>.<class>.geojson per class (to import classes into QuPath as separate layers)",
+    )
     p.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png (images up to 64 megapixels)")
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=64)
@@ -94,6 +98,7 @@ def _main(args) -> int:
         inputs, args.out, factory, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
         formats=_formats(args.format), gzip=args.gzip, tissue=not args.no_tissue_mask, overwrite=args.overwrite,
         dask=args.dask, scheduler=args.scheduler, n_workers=args.workers, progress=not args.quiet,
+        geojson_per_class=args.geojson_per_class,
     )
     if args.overlay:
         _write_overlays(result, Path(args.out), args.quiet)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import rescale_points
 
 
 def _windows(samples, window: int, n: int, rng):
@@ -113,7 +114,7 @@ def lora_finetune_cli(args) -> int:
         train = train[: args.max_images]
     for s in train:  # to the encoder's resolution
         k = s.mpp / enc.mpp
-        s.image, s.points, s.mpp = resample(s.image, k), (s.points + 0.5) * k - 0.5, enc.mpp
+        s.image, s.points, s.mpp = resample(s.image, k), rescale_points(s.points, k), enc.mpp
     names = tuple(train[0].class_names)
     state, w, b, history = lora_finetune(enc, train, names, rank=args.lora_rank, epochs=args.epochs, lr=args.lr * 1e-2, head_lr=args.lr)
     out = Path(args.out)

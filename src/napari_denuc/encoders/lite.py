@@ -19,11 +19,10 @@ block-averaged copy. Standardisation is left to the head (``LinearHead`` stores 
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..io.naming import content_hash
 from .base import Encoder, pick_device
 from .query import bilinear_sample, cell_coordinate
 
@@ -117,12 +116,13 @@ def filter_features(crop: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 
 def detector_fingerprint(detector) -> str:
-    h = hashlib.blake2b(digest_size=5)
-    h.update(str(getattr(detector, "backbone_name", type(detector).__name__)).encode())
-    for k, v in sorted(detector.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    def parts():
+        yield str(getattr(detector, "backbone_name", type(detector).__name__))
+        for k, v in sorted(detector.state_dict().items()):
+            yield k
+            yield v.detach().cpu().contiguous().numpy()
+
+    return content_hash(parts(), digest_size=5)  # 5 bytes: the shipped head's encoder id has this length
 
 
 class LiteEncoder(Encoder):

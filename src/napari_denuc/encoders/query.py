@@ -19,7 +19,6 @@ Steps (``query_features``):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import rescale_points
+from ..io.naming import content_hash, safe_name
 
 ProgressFn = Callable[[int, int], None]
 
@@ -78,12 +79,7 @@ def resample_image(image: np.ndarray, xy: np.ndarray, image_mpp: float, target_m
     # pixel-centre convention used for the point mapping below.
     out = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
     out = out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    sx, sy = nw / w, nh / h
-    xy = np.asarray(xy, dtype=np.float64)
-    xy2 = np.empty_like(xy)
-    xy2[:, 0] = (xy[:, 0] + 0.5) * sx - 0.5
-    xy2[:, 1] = (xy[:, 1] + 0.5) * sy - 0.5
-    return out, xy2
+    return out, rescale_points(xy, (nw / w, nh / h))
 
 
 def window_origins(length: int, window: int, step: int) -> np.ndarray:
@@ -140,21 +136,14 @@ def default_cache_dir() -> Path:
 
 
 def image_hash(image: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((image.shape, str(image.dtype))).encode())
-    h.update(np.ascontiguousarray(image).data)
-    return h.hexdigest()
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name)
+    return content_hash([repr((image.shape, str(image.dtype))), np.asarray(image)], digest_size=16)
 
 
 class FeatureCache:
     """Dense window features on disk: ``<root>/<encoder id>/<image hash>_mpp<mpp>/<window>.npy``."""
 
     def __init__(self, root, encoder_id: str, image_key: str, mpp: float):
-        self.dir = Path(root) / _safe(encoder_id) / f"{image_key}_mpp{float(mpp):.4f}"
+        self.dir = Path(root) / safe_name(encoder_id) / f"{image_key}_mpp{float(mpp):.4f}"
 
     def path(self, x0, y0, ww, wh) -> Path:
         return self.dir / f"x{x0}_y{y0}_{ww}x{wh}.npy"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DenucError
+from ..io.naming import file_fingerprint
 from .base import Encoder, pick_device
 from .registry import SILU, SWIGLU_PACKED, EncoderSpec
 
@@ -109,20 +108,6 @@ def load_state_dict_file(path) -> dict:
     return sd
 
 
-def _file_fingerprint(path) -> str:
-    """Cheap content fingerprint of a weights file: size + first and last MiB."""
-    path = Path(path)
-    h = hashlib.blake2b(digest_size=6)
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return h.hexdigest()
-
-
 def _load_weights(model, weights, name: str) -> str:
     """Strictly load a local state dict into ``model``; returns the encoder id, which names the
     file's content so that caches and heads never mix features of different weights."""
@@ -135,7 +120,7 @@ def _load_weights(model, weights, name: str) -> str:
             f"{weights} is not a {name} state dict ({len(missing)} missing, {len(unexpected)} unexpected "
             f"or mis-shaped keys, e.g. {(missing + unexpected)[:3]}); pass the weights of this encoder"
         ) from None
-    return f"{name}+{_file_fingerprint(weights)}"
+    return f"{name}+{file_fingerprint(weights)}"
 
 
 class TimmEncoder(Encoder):

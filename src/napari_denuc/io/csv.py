@@ -1,4 +1,4 @@
-"""Points as CSV: ``x,y,class,score,prob_<class>...``, one nucleus per row.
+"""Points as CSV: ``x,y,class,score,prob_<class>...,source,reviewed``, one nucleus per row.
 
 Coordinates are library pixel coordinates (pixel centres at integers), with no offset.
 """
@@ -12,29 +12,72 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DenucError
-from ..results import Detections, index_classes
-from .atomic import atomic_write
+from ..results import DEFAULT_SOURCE, Detections, index_classes
+from .atomic import atomic_writer
 
 CLASS_COLUMNS = ("class", "label", "classification", "name")  # accepted names of the class column
 
 
 def write_csv(path, det: Detections) -> Path:
-    """Write ``det`` to ``path`` atomically, with header ``x,y,class,score[,prob_<class>...]``.
+    """Write ``det`` to ``path`` atomically, header ``x,y,class,score[,prob_<class>...],source,reviewed``.
 
-    ``class`` holds class names; ``prob_<class>`` columns are written when ``det.probs`` is set.
+    ``class`` holds class names; ``prob_<class>`` columns are written when ``det.probs`` is set;
+    ``source`` is a string and ``reviewed`` is 0 or 1.
     """
-    buf = io.StringIO()
-    w = _csv.writer(buf, lineterminator="\n")
-    header = ["x", "y", "class", "score"]
-    if det.probs is not None:
-        header += [f"prob_{n}" for n in det.class_names]
-    w.writerow(header)
+    return write_csv_chunks(path, [det])
+
+
+def write_csv_chunks(path, chunks) -> Path:
+    """Write an iterable of Detections as one CSV, streaming (one chunk in memory at a time).
+
+    The header follows the first chunk; every chunk must have its classes and probabilities.
+    """
+    path = Path(path)
+    with atomic_writer(path) as f:
+        header = None
+        for det in chunks:
+            if header is None:
+                header = _header(det)
+                f.write((",".join(header) + "\n").encode("utf-8"))
+            elif _header(det) != header:
+                raise ValueError(f"chunks disagree on the columns ({','.join(_header(det))} vs {','.join(header)})")
+            f.write(_rows(det).encode("utf-8"))
+        if header is None:
+            f.write(b"x,y,class,score,source,reviewed\n")
+    return path
+
+
+def _header(det: Detections) -> list[str]:
+    probs = [f"prob_{n}" for n in det.class_names] if det.probs is not None else []
+    return ["x", "y", "class", "score", *probs, "source", "reviewed"]
+
+
+def _cell(text: str) -> str:
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _rows(det: Detections) -> str:
+    names = [_cell(n) for n in det.class_names]
+    src = {s: _cell(s) for s in set(det.source)}
+    lines = []
     for i in range(len(det)):
-        row = [f"{det.xy[i, 0]:.3f}", f"{det.xy[i, 1]:.3f}", det.class_names[det.class_ids[i]], f"{det.scores[i]:.6g}"]
+        row = [f"{det.xy[i, 0]:.3f}", f"{det.xy[i, 1]:.3f}", names[det.class_ids[i]], f"{det.scores[i]:.6g}"]
         if det.probs is not None:
             row += [f"{p:.6g}" for p in det.probs[i]]
-        w.writerow(row)
-    return atomic_write(path, buf.getvalue())
+        row += [src[det.source[i]], "1" if det.reviewed[i] else "0"]
+        lines.append(",".join(row))
+    return "".join(line + "\n" for line in lines)
+
+
+def _flag(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "y"):
+        return True
+    if t in ("", "0", "false", "no", "n"):
+        return False
+    raise ValueError(f"reviewed must be 0 or 1, not {text!r}")
 
 
 def _is_number(s: str) -> bool:
@@ -49,7 +92,8 @@ def read_csv(path, class_names=None) -> Detections:
     """Read points from a CSV file.
 
     Columns (case-insensitive): ``x`` and ``y`` are required; optional ``class`` (also
-    ``label``, ``classification`` or ``name``), ``score`` (default 1.0) and ``prob_<class>``.
+    ``label``, ``classification`` or ``name``), ``score`` (default 1.0), ``prob_<class>``,
+    ``source`` (default ``"model"``) and ``reviewed`` (0/1 or true/false, default false).
     A file whose first row is numeric has no header and is read as ``x,y[,class[,score]]``
     (the OCELOT layout).
 
@@ -92,12 +136,13 @@ def read_csv(path, class_names=None) -> Detections:
             if alias in header:
                 cols["class"] = header.index(alias)
                 break
-        if "score" in header:
-            cols["score"] = header.index("score")
+        for opt in ("score", "source", "reviewed"):
+            if opt in header:
+                cols[opt] = header.index(opt)
         prob_cols = {first[j][5:]: j for j, h in enumerate(header) if h.startswith("prob_")}
         rows = rows[1:]
 
-    xy, labels, scores, probs = [], [], [], []
+    xy, labels, scores, probs, sources, reviewed = [], [], [], [], [], []
     for lineno, r in rows:
         r = [c.strip() for c in r]
         try:
@@ -109,12 +154,16 @@ def read_csv(path, class_names=None) -> Detections:
                 raise ValueError("empty class")
             score = float(r[cols["score"]]) if "score" in cols and r[cols["score"]] != "" else 1.0
             pr = {name: float(r[j]) for name, j in prob_cols.items()}
+            src = r[cols["source"]] if "source" in cols and r[cols["source"]] != "" else DEFAULT_SOURCE
+            rev = _flag(r[cols["reviewed"]]) if "reviewed" in cols else False
         except (ValueError, IndexError) as exc:
             raise DenucError(f"{path}, line {lineno}: malformed row {','.join(r)!r} ({exc}); fix or delete it") from None
         xy.append((x, y))
         labels.append(label)
         scores.append(score)
         probs.append(pr)
+        sources.append(src)
+        reviewed.append(rev)
 
     if "class" not in cols:
         names = tuple(class_names) if class_names is not None else ("nucleus",)
@@ -143,4 +192,6 @@ def read_csv(path, class_names=None) -> Detections:
         class_ids=np.asarray(ids, dtype=np.int64),
         class_names=names,
         probs=prob_arr,
+        source=np.array(sources, dtype=object),
+        reviewed=np.array(reviewed, dtype=bool),
     )

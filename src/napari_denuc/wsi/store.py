@@ -9,14 +9,15 @@ so stale tiles are never reused.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import DenucError
 from ..io.atomic import atomic_write
+from ..io.naming import content_hash
 from ..results import Detections
 
 STORE_VERSION = 1
@@ -24,7 +25,7 @@ STORE_VERSION = 1
 
 def config_hash(config: dict) -> str:
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_hash([blob], digest_size=8)
 
 
 def det_to_arrays(det: Detections) -> dict:
@@ -39,9 +40,7 @@ def det_to_arrays(det: Detections) -> dict:
 
 
 def arrays_to_det(a: dict) -> Detections:
-    return Detections(
-        a["xy"], a["scores"], a["class_ids"], tuple(a["class_names"]), tuple(tuple(c) for c in a["class_colors"]), a["probs"]
-    )
+    return Detections(a["xy"], a["scores"], a["class_ids"], tuple(a["class_names"]), tuple(tuple(c) for c in a["class_colors"]), a["probs"])
 
 
 class TileStore:
@@ -111,6 +110,30 @@ class TileStore:
             except OSError:
                 pass
             return None
+
+    def iter_detections(self, indices, compute):
+        """Yield the tiles ``indices`` as Detections, one tile in memory at a time.
+
+        A tile that vanished or became unreadable is recomputed with ``compute(index)`` and
+        committed; tiles must agree on the classes (else DenucError). Without any index, one
+        empty chunk from ``compute(None)`` still carries the pipeline's classes, so headers and
+        schemas can be written for a slide without tissue.
+        """
+        indices = list(indices)
+        if not indices:
+            yield arrays_to_det(compute(None))
+            return
+        names = None
+        for i in indices:
+            a = self.load(i)
+            if a is None:
+                a = compute(i)
+                self.commit(i, a)
+            if names is None:
+                names = list(a["class_names"])
+            elif list(a["class_names"]) != names:
+                raise DenucError(f"tiles disagree on the classes ({names} vs {a['class_names']}); delete {self.folder} and run again")
+            yield arrays_to_det(a)
 
     def clear(self) -> None:
         """Remove the store (only files this module writes, then the folder if empty)."""

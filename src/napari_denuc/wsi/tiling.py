@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..geometry import rescale_points
 from .slides import SlideSource
 
 
@@ -115,7 +116,7 @@ class Tile:
 @dataclass
 class TilePlan:
     level: int
-    downsample: float  # of the level w.r.t. level 0 (x0 = (x + 0.5) * ds - 0.5)
+    downsample: float  # of the level w.r.t. level 0 (level-0 points: geometry.rescale_points(xy, ds))
     level_size: tuple[int, int]
     level_mpp: float
     tile_size: int
@@ -149,8 +150,7 @@ class TilePlan:
         return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
 
     def to_level0(self, xy_level: np.ndarray) -> np.ndarray:
-        ds = self.downsample
-        return (np.asarray(xy_level, np.float64) + 0.5) * ds - 0.5 if ds != 1 else np.asarray(xy_level, np.float64)
+        return rescale_points(xy_level, self.downsample)
 
     def to_dict(self) -> dict:
         d = asdict(self)

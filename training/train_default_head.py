@@ -1,0 +1,67 @@
+"""Train the shipped head of an encoder on all 90 BRCA-M2C train+val tiles, with the options
+chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
+
+    python training/train_default_head.py --config eff0@0.25 --encoder effnet-lite0 \\
+        --weight-decay 0.1 --class-weight none --out src/napari_denuc/weights/effnet_lite0_head.safetensors
+
+Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
+2 cores). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loso_heads import RUNS, features, load_features, load_samples  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="eff0@0.25")
+    ap.add_argument("--encoder", default="effnet-lite0")
+    ap.add_argument("--root", default="../shared/data/brca_m2c")
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--class-weight", default="none")
+    ap.add_argument("--loso-json", default="docs/results/loso_heads.json")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    from napari_denuc.encoders import get_encoder
+    from napari_denuc.head import LinearHead
+    from napari_denuc.retrain import PRIOR_SIZE, stratified_sample
+
+    if not (RUNS / a.config).is_dir() or len(list((RUNS / a.config).glob("*.npz"))) < 90:
+        features(a.config, a.root)
+    train, val = load_samples(a.root)
+    samples = train + val
+    feats = load_features(a.config, samples)
+    x = np.concatenate([feats[s.name]["gt"] for s in samples])
+    y = np.concatenate([s.labels for s in samples])
+    names = samples[0].class_names
+    enc = get_encoder(a.encoder)
+    if enc.feature_dim != x.shape[1]:
+        raise SystemExit(f"{a.encoder} gives {enc.feature_dim}-d features, the cache of {a.config} {x.shape[1]}-d")
+    cw = None if a.class_weight == "none" else a.class_weight
+    head = LinearHead(x.shape[1], names, encoder_id=enc.id, mpp=enc.mpp)
+    fit = head.fit(x, y, class_weight=cw, weight_decay=a.weight_decay)
+    keep = stratified_sample(y, PRIOR_SIZE)
+    head.prior = (x[keep], y[keep], names)
+    loso = None
+    if Path(a.loso_json).is_file():
+        rows = json.loads(Path(a.loso_json).read_text())["rows"]
+        loso = next((r for r in rows if r["config"] == a.config and r["class_weight"] == cw and r["weight_decay"] == a.weight_decay), None)
+    head.save(a.out, metadata={"training": {
+        "data": "BRCA-M2C train + val (90 tiles, sites A7, A8, AC), ground-truth points",
+        "recipe": " ".join(sys.argv), **fit},
+        "leave_one_site_out": loso})
+    print(f"{a.out}: {len(y)} nuclei, {enc.id}, LOSO: {None if loso is None else {k: loso[k] for k in ('loso_gt_points', 'loso_end_to_end')}}")
+
+
+if __name__ == "__main__":
+    main()
