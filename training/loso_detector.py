@@ -150,6 +150,8 @@ def cmd_train(a):
         val = sites[a.holdout]
     if a.epochs:
         cfg.epochs = a.epochs
+    if a.eval_every:
+        cfg.eval_every = a.eval_every
     log_path = Path(cfg.out) / "log.jsonl"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
 
@@ -232,6 +234,7 @@ def main(argv=None):
     t.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     t.add_argument("--holdout", choices=[*SITES, "none"], required=True, help="site to hold out; 'none' trains on all 90 tiles")
     t.add_argument("--epochs", type=int, default=0, help="override the recipe's epoch count")
+    t.add_argument("--eval-every", type=int, default=0, help="override how often (epochs) the held-out site is scored")
     t.add_argument("--root", default=ROOT)
     t.add_argument("--out", default="runs/loso")
     s = sub.add_parser("select")
