@@ -1,7 +1,7 @@
 """Train the shipped head of an encoder on all 90 BRCA-M2C train+val tiles, with the options
 chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
 
-    python training/train_default_head.py --config eff0@0.25 --encoder effnet-lite0 \\
+    python training/train_default_head.py --config "eff0@0.5|litefb" --encoder effnet-lite0 \\
         --weight-decay 0.1 --class-weight none --out src/napari_denuc/weights/effnet_lite0_head.safetensors
 
 Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
@@ -23,7 +23,7 @@ from loso_heads import RUNS, features, load_features, load_samples  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="eff0@0.25")
+    ap.add_argument("--config", default="eff0@0.5|litefb")
     ap.add_argument("--encoder", default="effnet-lite0")
     ap.add_argument("--root", default="../shared/data/brca_m2c")
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -36,8 +36,9 @@ def main():
     from napari_denuc.head import LinearHead
     from napari_denuc.retrain import PRIOR_SIZE, stratified_sample
 
-    if not (RUNS / a.config).is_dir() or len(list((RUNS / a.config).glob("*.npz"))) < 90:
-        features(a.config, a.root)
+    for part in a.config.split("|"):  # e.g. eff0@0.5|litefb: two caches side by side
+        if len(list((RUNS / part).glob("*.npz"))) < 90:
+            features(part, a.root)
     train, val = load_samples(a.root)
     samples = train + val
     feats = load_features(a.config, samples)

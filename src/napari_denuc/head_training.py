@@ -23,8 +23,19 @@ BACKGROUND = "background"
 
 
 def sample_features(pipeline, sample, background: bool = False, radius_um: float = 3.0):
-    """(features, labels) of one sample's annotated nuclei, plus unmatched detections as class K."""
+    """(features, labels) of one sample's annotated nuclei, plus unmatched detections as class K.
+
+    A whole slide (``data.slides.SlideSample``) is read only in windows around its points.
+    """
+    from .data.slides import SlideSample
+
     pts, lab = sample.points, sample.labels
+    if isinstance(sample, SlideSample):
+        if background:
+            raise DenucError("--background needs whole images to detect on; it is not available for slides")
+        from .wsi.slide_features import slide_features
+
+        return slide_features(pipeline.encoder, sample.path, pts, sample.mpp), np.asarray(lab, dtype=np.int64)
     if background:
         xy, scores = pipeline.detect(sample.image, sample.mpp)
         matched, _ = match_points(xy, sample.points, radius_um / sample.mpp, scores)
@@ -93,40 +104,24 @@ def train_head(pipeline, train, val=(), background=False, class_weight="balanced
     return head, report
 
 
-def train_head_cli(args) -> int:
-    from .cli.common import parse_data_args
-    from .data import load_dataset
-    from .detection.checkpoint import load_detector
-    from .encoders import get_encoder
-    from .pipeline import Pipeline
+def retrain_from_samples(pipeline, old_head, samples, save_path, metadata=None):
+    """Never-forget retraining of ``old_head`` from corrected nuclei (e.g. QuPath exports on slides).
 
-    if args.finetune == "lora":
-        from .encoders.finetune import lora_finetune_cli
+    Features are read at the samples' points and handed, with their classes, to
+    ``retrain.retrain_head``, which starts from the old head and its prior sample and adds the
+    corrections. The samples' classes start with the old head's; any after them are new classes
+    (``data.slides.load_slides(class_names=old_head.class_names, extend=True)``).
+    Returns what ``retrain_head`` returns (``.head`` is the new head, saved at ``save_path``).
+    """
+    from pathlib import Path
 
-        return lora_finetune_cli(args)
-    data = parse_data_args(args.data)
-    train, val = [], []
-    for name, root in data:
-        train += load_dataset(name, root, "train")
-        try:
-            val += load_dataset(name, root, "val")
-        except DenucError as exc:
-            print(f"no validation split for {name}: {exc}", file=sys.stderr)
-    if args.max_images:
-        train, val = train[: args.max_images], val[: args.max_images]
-    detector = load_detector(args.detector, device=args.device)
-    encoder = get_encoder(args.encoder, detector=detector.model, weights=args.encoder_weights, device=args.device)
-    pipe = Pipeline(detector, encoder)
-    head, report = train_head(
-        pipe, train, val, background=args.background,
-        class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
-        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um,
-    )
-    if distributed.setup()[0] > 0:
-        return 0  # every rank fitted the same head; rank 0 writes it
-    head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
-    if "val_end_to_end" in report:
-        for name, c in report["val_end_to_end"]["classes"].items():
-            print(f"  {name:>12}: F1 {c['f1']:.4f} (P {c['precision']:.3f}, R {c['recall']:.3f}, n={c['support']})")
-    print(f"head written to {args.out}")
-    return 0
+    from .results import default_colors
+    from .retrain import retrain_head
+
+    old = tuple(old_head.class_names)
+    names = tuple(samples[0].class_names) if samples else old
+    if any(tuple(s.class_names) != names for s in samples) or names[: len(old)] != old:
+        raise DenucError(f"the corrections' classes must start with the head's ({', '.join(old)}); map them with --class-map")
+    x, y = collect_features(pipeline, samples, desc="correction features")
+    colors = tuple(old_head.class_colors) + tuple(default_colors(len(names))[len(old):])
+    return retrain_head(old_head, x, y, names, colors, Path(save_path), metadata={"n_corrections": len(y), **(metadata or {})})

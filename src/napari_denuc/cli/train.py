@@ -39,7 +39,13 @@ def build_parser():
     h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
     h.add_argument("--encoder", default="lite")
     h.add_argument("--encoder-weights", help="local encoder state dict (no network)")
-    h.add_argument("--data", action="append", required=True, metavar="NAME=PATH", help="data set with train and val splits; repeatable")
+    h.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
+                   help="data set with train and val splits, or slides=LIST.csv (columns slide,points[,mpp]: whole slides "
+                        "with QuPath GeoJSON/CSV points, read only around the points); repeatable")
+    h.add_argument("--class-map", metavar="MAP", help='QuPath class name -> head class for slides=, e.g. "Tumor=tumour,Immune cells=lymphocyte,Necrosis=" '
+                   "(empty: ignore); derived classes (Tumor: Positive) follow their base name")
+    h.add_argument("--from-head", metavar="PATH|bundled", help="retrain this head from the corrections, keeping what it knew "
+                   "(never-forget retraining, as in the napari widget; bundled: the head shipped for --encoder); --out must be a new file")
     h.add_argument("--detector", help="detector checkpoint (default: bundled); used by lite and for --background")
     h.add_argument("--out", required=True, help="head file to write (.safetensors + .json sidecar)")
     h.add_argument("--background", action="store_true", help="add a background class trained on detections that match no nucleus")
@@ -72,10 +78,88 @@ def _detector(args) -> int:
     return 0
 
 
-def _head(args) -> int:
-    from ..head_training import train_head_cli
+def _load_data(data, class_map, class_names, max_images: int, extend: bool = False):
+    """(train, val) samples: named data sets by split; ``slides=LIST.csv`` entries train only."""
+    from ..data import load_dataset
+    from ..data.slides import load_slides
+    from ..errors import DenucError
 
-    return train_head_cli(args)
+    lists = [root for name, root in data if name == "slides"]
+    train, val = [], []
+    if lists:
+        train += load_slides(lists, class_map, class_names, log=lambda m: print(m, file=sys.stderr), extend=extend)
+    elif class_map:
+        raise DenucError("--class-map applies to slides=LIST.csv data; rename the classes of other data sets in their files")
+    for name, root in data:
+        if name == "slides":
+            continue
+        train += load_dataset(name, root, "train")
+        try:
+            val += load_dataset(name, root, "val")
+        except DenucError as exc:
+            print(f"no validation split for {name}: {exc}", file=sys.stderr)
+    if max_images:
+        train, val = train[:max_images], val[:max_images]
+    return train, val
+
+
+def _head(args) -> int:
+    from pathlib import Path
+
+    from .. import distributed
+    from ..data.slides import parse_class_map
+    from ..detection.checkpoint import load_detector
+    from ..encoders import get_encoder
+    from ..errors import DenucError
+    from ..head import LinearHead
+    from ..head_training import retrain_from_samples, train_head
+    from ..pipeline import Pipeline, bundled_head_path
+
+    data = common.parse_data_args(args.data)
+    class_map = parse_class_map(args.class_map)
+    if args.finetune == "lora":
+        from ..encoders.finetune import lora_finetune_to_files
+
+        train, _ = _load_data(data, class_map, None, args.max_images)
+        if any(not hasattr(s, "image") for s in train):
+            raise DenucError("--finetune lora reads whole images; it does not take slides=LIST.csv yet")
+        weights, out = lora_finetune_to_files(args.encoder, train, args.out, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,
+                                              encoder_weights=args.encoder_weights, device=args.device)
+        print(f"merged encoder weights: {weights}\nhead: {out}\nuse: --encoder {args.encoder} --encoder-weights {weights} --head {out}")
+        return 0
+    detector = load_detector(args.detector, device=args.device)
+    encoder = get_encoder(args.encoder, detector=detector.model, weights=args.encoder_weights, device=args.device)
+    pipe = Pipeline(detector, encoder)
+    if args.from_head:
+        src = bundled_head_path(args.encoder) if args.from_head == "bundled" else Path(args.from_head)
+        if src is None:
+            raise DenucError(f"no head is shipped for the encoder {args.encoder!r}; give --from-head PATH")
+        if not src.is_file():
+            raise DenucError(f"head not found: {src}")
+        old = LinearHead.load(src, encoder=encoder)
+        if Path(args.out).exists():
+            raise DenucError(f"{args.out} already exists; retrained heads are written to a new file")
+        train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images, extend=True)
+        res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data]})
+        print(f"{src.name} updated with your corrections (classes: {', '.join(res.head.class_names)}).")
+        print(res.summary())
+        return 0
+    train, val = _load_data(data, class_map, None, args.max_images)
+    if not train:
+        raise DenucError("no training images")
+    head, report = train_head(
+        pipe, train, val, background=args.background,
+        class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
+        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um,
+    )
+    if distributed.setup()[0] > 0:
+        return 0  # every rank fitted the same head; rank 0 writes it
+    head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
+    if "val_end_to_end" in report:
+        for name, c in report["val_end_to_end"]["classes"].items():
+            print(f"  {name:>12}: F1 {c['f1']:.4f} (P {c['precision']:.3f}, R {c['recall']:.3f}, n={c['support']})")
+    print(f"head written to {args.out}")
+    return 0
 
 
 def main(argv=None) -> int:

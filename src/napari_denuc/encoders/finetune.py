@@ -91,41 +91,41 @@ def lora_finetune(encoder, samples, class_names, rank: int = 8, epochs: int = 10
     return state, head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy(), history
 
 
-def lora_finetune_cli(args) -> int:
-    """``denuc-train head --finetune lora``: adapters + head, merged weights saved next to the head."""
+def lora_finetune_to_files(encoder_name: str, samples, out, rank: int = 8, epochs: int = 10, lr: float = 0.01,
+                           encoder_weights=None, device=None):
+    """LoRA-adapt ``encoder_name`` with a head on ``samples`` (any mpp; resampled to the encoder's).
+
+    Writes the merged encoder weights to ``<out stem>.encoder.safetensors`` and the head to
+    ``out``; returns ``(weights_path, head_path)``. ``lr`` is the head's learning rate; the
+    adapters learn at ``lr / 100``.
+    """
     from pathlib import Path
 
     import torch
     from safetensors.torch import save_file
 
-    from ..cli.common import parse_data_args
-    from ..data import load_dataset
     from ..detection.infer import resample
     from ..head import LinearHead
     from . import get_encoder
 
-    if args.encoder == "lite":
+    if encoder_name == "lite":
         raise DenucError("--finetune lora adapts a ViT foundation model; the lite encoder has no weights to adapt")
-    enc = get_encoder(args.encoder, weights=args.encoder_weights, device=args.device, cache=False)
-    train = []
-    for name, root in parse_data_args(args.data):
-        train += load_dataset(name, root, "train")
-    if args.max_images:
-        train = train[: args.max_images]
-    for s in train:  # to the encoder's resolution
+    if not samples:
+        raise DenucError("LoRA fine-tuning needs training images")
+    enc = get_encoder(encoder_name, weights=encoder_weights, device=device, cache=False)
+    for s in samples:  # to the encoder's resolution
         k = s.mpp / enc.mpp
         s.image, s.points, s.mpp = resample(s.image, k), rescale_points(s.points, k), enc.mpp
-    names = tuple(train[0].class_names)
-    state, w, b, history = lora_finetune(enc, train, names, rank=args.lora_rank, epochs=args.epochs, lr=args.lr * 1e-2, head_lr=args.lr)
-    out = Path(args.out)
+    names = tuple(samples[0].class_names)
+    state, w, b, history = lora_finetune(enc, samples, names, rank=rank, epochs=epochs, lr=lr * 1e-2, head_lr=lr)
+    out = Path(out)
     weights_path = out.with_name(out.stem + ".encoder.safetensors")
     save_file(state, str(weights_path))
-    tuned = get_encoder(args.encoder, weights=str(weights_path), device=args.device)
+    tuned = get_encoder(encoder_name, weights=str(weights_path), device=device)
     head = LinearHead(tuned.feature_dim, names, encoder_id=tuned.id, mpp=tuned.mpp)  # mean 0, std 1: raw features
     with torch.no_grad():
         head.linear.weight.copy_(torch.from_numpy(w))
         head.linear.bias.copy_(torch.from_numpy(b))
-    head.save(out, metadata={"training": {"finetune": "lora", "rank": args.lora_rank, "history": history,
+    head.save(out, metadata={"training": {"finetune": "lora", "rank": rank, "history": history,
                                           "encoder_weights": weights_path.name}})
-    print(f"merged encoder weights: {weights_path}\nhead: {out}\nuse: --encoder {args.encoder} --encoder-weights {weights_path} --head {out}")
-    return 0
+    return weights_path, out

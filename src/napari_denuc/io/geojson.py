@@ -265,7 +265,7 @@ def _reviewed_of(props: dict, m: dict) -> bool:
     return isinstance(v, (int, float)) and bool(v) and v == v  # NaN is not reviewed
 
 
-def read_geojson(path, class_names=None) -> Detections:
+def read_geojson(path, class_names=None, unclassified: str | None = None) -> Detections:
     """Read nuclei from a GeoJSON file (see the module docstring for what is accepted).
 
     Parameters
@@ -276,6 +276,9 @@ def read_geojson(path, class_names=None) -> Detections:
         Fix the class order (e.g. the classes of a trained head). Classes in the file that
         are not listed raise DenucError naming them. By default classes are ordered by
         first appearance in the file.
+    unclassified : str, optional
+        Class of the features without a classification, whether or not others have one
+        (training from QuPath exports passes ``"Unclassified"`` to leave them out).
 
     Returns
     -------
@@ -298,7 +301,7 @@ def read_geojson(path, class_names=None) -> Detections:
             if _color(cls) is not None:
                 colors.setdefault(name, _color(cls))
         else:
-            name = UNCLASSIFIED if classified else UNLABELLED
+            name = unclassified or (UNCLASSIFIED if classified else UNLABELLED)
         geom = f.get("geometry")
         try:
             pts = _points_of(geom) if isinstance(geom, dict) else None

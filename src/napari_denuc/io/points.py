@@ -23,12 +23,16 @@ def _kind(path: Path) -> str:
     raise DenucError(f"{path}: unknown point file type; use one of {', '.join(POINT_SUFFIXES)}")
 
 
-def read_points(path, class_names=None) -> Detections:
-    """Read a GeoJSON or CSV point file (see :func:`read_geojson`, :func:`read_csv`)."""
+def read_points(path, class_names=None, unclassified: str | None = None) -> Detections:
+    """Read a GeoJSON or CSV point file (see :func:`read_geojson`, :func:`read_csv`).
+
+    ``unclassified`` names the class of GeoJSON features without a classification (CSV files
+    state their classes in a column).
+    """
     path = Path(path)
     if _kind(path) == "csv":
         return read_csv(path, class_names)
-    return read_geojson(path, class_names)
+    return read_geojson(path, class_names, unclassified=unclassified)
 
 
 def write_points(path, det: Detections) -> Path:

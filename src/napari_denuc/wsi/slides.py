@@ -239,7 +239,7 @@ def open_slide(path) -> SlideSource:
     if not path.is_file():
         raise DenucError(f"slide not found: {path}")
     suffix = path.suffix.lower()
-    errors = []
+    errors = []  # (reader, error), in the order tried: the message names each reader
     if suffix in OPENSLIDE_ONLY:
         if not _openslide_available():
             raise DenucError(
@@ -249,28 +249,30 @@ def open_slide(path) -> SlideSource:
         try:
             return OpenSlideSource(path)
         except Exception as exc:
-            raise DenucError(f"cannot read the slide {path} ({type(exc).__name__}: {exc})") from None
+            raise DenucError(f"cannot read the slide {path} with openslide ({type(exc).__name__}: {exc})") from None
     if suffix in WSI_SUFFIXES:
         try:
             src = TiffSlideSource(path)
             src.read_level(src.level_count - 1, 0, 0, 1, 1)  # fail now, not in a tile, for a broken file
             return src
         except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(("tiffslide", f"{type(exc).__name__}: {exc}"))
         if _openslide_available():
             try:
                 return OpenSlideSource(path)
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+                errors.append(("openslide", f"{type(exc).__name__}: {exc}"))
     if suffix in PLAIN_SUFFIXES or suffix in (".tif", ".tiff"):
         try:
             image, mpp = read_image(path)
             return ArraySource(path, image, mpp)
         except DenucError as exc:
-            errors.append(str(exc))
+            errors.append(("image reader", str(exc)))
     if not errors:
         raise DenucError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-    raise DenucError(f"cannot read the slide {path} ({errors[0]})")
+    tried = ", ".join(r for r, _ in errors)
+    first = " ".join(errors[0][1].split())  # one line, whatever the reader's message holds
+    raise DenucError(f"cannot read the slide {path} with {tried} ({errors[0][0]}: {first})")
 
 
 def resolve_mpp(source: SlideSource, given: float | None = None, fallback: float | None = None) -> tuple[float, str]:
