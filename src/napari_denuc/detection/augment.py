@@ -1,33 +1,102 @@
-"""Training-time augmentation for H&E crops: geometry, scale jitter and stain (HED) jitter."""
+"""Training-time augmentation for H&E crops: geometry, scale, stain, colour, blur and JPEG.
+
+Every option is a field of :class:`Augment`; the defaults reproduce the recipe of the bundled
+detector (flips, 90-degree rotations, scale 0.8-1.25, light HED and colour jitter, no blur, no
+JPEG). ``Augment.preset("travel")`` is the stronger set meant for slides from other hospitals
+(issue 10): stronger stain and colour jitter, blur, JPEG-like degradation and a scale jitter of
++-15 % around the training mpp.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import io
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
-# Ruifrok & Johnston stain vectors, as in skimage.color (rgb_from_hed / hed_from_rgb).
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+import numpy as np
+from skimage.color import hed_from_rgb, rgb_from_hed
+
+from ..errors import DenucError
+from ..geometry import rescale_points
+
+
+@dataclass
+class Augment:
+    """What ``augment`` does to each training crop (probabilities and ranges)."""
+
+    scale_min: float = 0.8  # image zoom factor range; 1 / zoom is the mpp change
+    scale_max: float = 1.25
+    hed_sigma: float = 0.05  # each stain's optical density x U(1 - sigma, 1 + sigma) ...
+    hed_bias: float = 0.02  # ... + U(-bias, bias), in skimage's rgb2hed space
+    colour: float = 0.1  # brightness, contrast, saturation each x U(1 - colour, 1 + colour)
+    blur_p: float = 0.0  # probability of a Gaussian blur ...
+    blur_sigma: float = 1.2  # ... with sigma U(0.3, blur_sigma) px (focus, scanner optics)
+    jpeg_p: float = 0.0  # probability of a JPEG round trip ...
+    jpeg_quality: int = 40  # ... at quality U(jpeg_quality, 95)
+
+    PRESETS: ClassVar[dict] = {
+        "shipped": {},
+        "travel": {"scale_min": 0.85, "scale_max": 1.15, "hed_sigma": 0.15, "hed_bias": 0.05, "colour": 0.2,
+                   "blur_p": 0.3, "jpeg_p": 0.3},
+        "none": {"scale_min": 1.0, "scale_max": 1.0, "hed_sigma": 0.0, "hed_bias": 0.0, "colour": 0.0},
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> Augment:
+        if name not in cls.PRESETS:
+            raise DenucError(f"unknown augmentation preset {name!r}; use one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Augment:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def hed_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.02) -> np.ndarray:
-    """Scale and shift each stain's optical density, like the HED-light augmentation of Tellez et al."""
+    """Scale and shift each stain's optical density (HED-light/strong of Tellez et al.).
+
+    Works in scikit-image's ``rgb2hed`` stain space (the same Ruifrok & Johnston matrices) on
+    optical density, without rgb2hed's clipping, so zero jitter returns the image unchanged.
+    """
+    if sigma == 0 and bias == 0:
+        return image
     od = -np.log(np.maximum(image.astype(np.float32), 1.0) / 255.0)
-    hed = od.reshape(-1, 3) @ _HED_FROM_RGB
-    hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3) + rng.uniform(-bias, bias, 3)
-    od = hed @ _RGB_FROM_HED
+    hed = od.reshape(-1, 3) @ hed_from_rgb.astype(np.float32)
+    hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32) + rng.uniform(-bias, bias, 3).astype(np.float32)
+    od = hed @ rgb_from_hed.astype(np.float32)
     rgb = 255.0 * np.exp(-od)
-    return np.clip(rgb, 0, 255).reshape(image.shape).astype(np.uint8)
+    return np.clip(np.rint(rgb), 0, 255).reshape(image.shape).astype(np.uint8)
 
 
 def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1) -> np.ndarray:
     """Brightness, contrast and saturation jitter."""
+    if strength == 0:
+        return image
     x = image.astype(np.float32)
     grey = x.mean(axis=2, keepdims=True)
     x = grey + (x - grey) * rng.uniform(1 - strength, 1 + strength)  # saturation
     x = (x - x.mean()) * rng.uniform(1 - strength, 1 + strength) + x.mean()  # contrast
     x = x * rng.uniform(1 - strength, 1 + strength)  # brightness
     return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(image, sigma=(sigma, sigma, 0), mode="reflect")
+
+
+def jpeg_degrade(image: np.ndarray, quality: int) -> np.ndarray:
+    """A JPEG encode/decode round trip: block artefacts and chroma subsampling of other scanners."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 def random_crop(image, points, size: int, rng: np.random.Generator, scale_range=(0.8, 1.25)):
@@ -38,7 +107,7 @@ def random_crop(image, points, size: int, rng: np.random.Generator, scale_range=
     from PIL import Image
 
     s = rng.uniform(*scale_range)
-    src = int(round(size / s))
+    src = round(size / s)
     h, w = image.shape[:2]
     y0 = int(rng.integers(min(0, h - src), max(0, h - src) + 1))
     x0 = int(rng.integers(min(0, w - src), max(0, w - src) + 1))
@@ -49,8 +118,7 @@ def random_crop(image, points, size: int, rng: np.random.Generator, scale_range=
     crop[ys - y0 : ye - y0, xs - x0 : xe - x0] = image[ys:ye, xs:xe]
     if src != size:
         crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
-    k = size / src
-    pts = (points - (x0, y0) + 0.5) * k - 0.5
+    pts = rescale_points(np.asarray(points, dtype=np.float64).reshape(-1, 2) - (x0, y0), size / src)
     keep = (pts[:, 0] >= -0.5) & (pts[:, 0] < size - 0.5) & (pts[:, 1] >= -0.5) & (pts[:, 1] < size - 0.5)
     pts = pts[keep]
     if rng.random() < 0.5:  # horizontal flip
@@ -62,8 +130,15 @@ def random_crop(image, points, size: int, rng: np.random.Generator, scale_range=
     return np.ascontiguousarray(crop), pts.reshape(-1, 2)
 
 
-def augment(image, points, size: int, rng: np.random.Generator, colour: bool = True):
-    crop, pts = random_crop(image, points, size, rng)
+def augment(image, points, size: int, rng: np.random.Generator, aug: Augment | None = None, colour: bool = True):
+    """One augmented training crop and its points (crop pixels). ``colour=False``: geometry only."""
+    aug = aug or Augment()
+    crop, pts = random_crop(image, points, size, rng, (aug.scale_min, aug.scale_max))
     if colour:
-        crop = colour_jitter(hed_jitter(crop, rng), rng)
+        crop = colour_jitter(hed_jitter(crop, rng, aug.hed_sigma, aug.hed_bias), rng, aug.colour)
+        # Degradations come last: a scanner blurs and compresses the stained tissue it sees.
+        if aug.blur_p and rng.random() < aug.blur_p:
+            crop = gaussian_blur(crop, rng.uniform(0.3, max(0.3, aug.blur_sigma)))
+        if aug.jpeg_p and rng.random() < aug.jpeg_p:
+            crop = jpeg_degrade(crop, rng.integers(min(aug.jpeg_quality, 95), 96))
     return crop, pts

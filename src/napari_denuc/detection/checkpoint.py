@@ -46,11 +46,20 @@ class Detector:
     meta: dict = field(default_factory=dict)
     id: str = "untrained"
 
+    def candidates(self, image, mpp: float, nms_um: float | None = None, **options):
+        """(xy, scores) at the low score floor ``infer.CANDIDATE_TAU``; ``infer.threshold(xy, scores, tau)``
+        then gives exactly ``detect(image, mpp, tau)`` for any tau above the floor, without the network."""
+        from .infer import CANDIDATE_TAU
+
+        return self.detect(image, mpp, tau=CANDIDATE_TAU, nms_um=nms_um, **options)
+
     def detect(self, image, mpp: float, tau: float | None = None, nms_um: float | None = None, **options):
         """(xy, scores) of nuclei in ``image`` (RGB, any size) stated at ``mpp``; see detection.infer.detect."""
         from .infer import detect
 
         self.model.eval()
+        # Windows per forward pass: fewer for backbones whose early, full-resolution activations are wide.
+        options.setdefault("batch_size", getattr(self.model, "infer_batch", 4))
         return detect(
             self.model,
             image,
@@ -73,7 +82,7 @@ def save_detector(model, path, mpp: float, tau: float = 0.5, nms_um: float = 2.0
     info = {
         "format": FORMAT,
         "version": 1,
-        "architecture": {"backbone": model.backbone_name, "neck_channels": model.neck_channels},
+        "architecture": {"backbone": model.backbone_name, "neck_channels": model.neck_channels, "init": getattr(model, "init", None)},
         "mpp": mpp,
         "tau": tau,
         "nms_um": nms_um,
@@ -119,7 +128,16 @@ def load_detector(path=None, device: str | None = None) -> Detector:
     except (SafetensorError, OSError, ValueError) as exc:
         raise DenucError(f"cannot read detector weights {path}: truncated or not safetensors ({exc})") from None
     arch = info.get("architecture", {})
-    model = PointDetector(arch.get("backbone", "shufflenet_v2_x0_5"), arch.get("neck_channels"))
+    backbone = arch.get("backbone", "shufflenet_v2_x0_5") if isinstance(arch, dict) else None
+    if not isinstance(backbone, str) or not backbone:
+        raise DenucError(f"{side} names no detector backbone; it is not a napari-denuc detector checkpoint")
+    try:
+        model = PointDetector(backbone, arch.get("neck_channels"))
+    except DenucError as exc:
+        raise DenucError(
+            f"{path} was made for the backbone {backbone!r}, which this napari-denuc cannot build ({exc}); "
+            "update napari-denuc or use another checkpoint"
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

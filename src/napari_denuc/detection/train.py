@@ -27,7 +27,8 @@ from scipy.optimize import linear_sum_assignment
 
 from .. import distributed
 from ..errors import DenucError
-from .augment import augment
+from ..geometry import rescale_points
+from .augment import Augment, augment
 from .infer import detect_at_model_mpp, point_nms, resample
 from .model import STRIDE, PointDetector
 
@@ -56,6 +57,9 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch default
     max_images: int = 0  # for smoke tests: use only this many training images (0 = all)
     micro_batches: int = 1  # split each process's share of a batch into this many forward passes
+    augment: dict = field(default_factory=dict)  # Augment fields (detection.augment); empty = the shipped recipe
+    freeze_stages: int = 0  # pretrained timm backbones: freeze the stem and this many first stages (kept in eval mode)
+    keep_tables: bool = False  # store the whole tau x NMS table of every evaluation in the history (LOSO selection)
 
 
 def hungarian_targets(logits, xy, gt, cfg: TrainConfig):
@@ -93,15 +97,19 @@ def prepare(samples, mpp: float):
     for s in samples:
         k = s.mpp / mpp
         img = resample(s.image, k)
-        out.append((img, (s.points + 0.5) * k - 0.5 if abs(k - 1) >= 1e-3 else s.points))
+        out.append((img, rescale_points(s.points, k) if abs(k - 1) >= 1e-3 else s.points))
     return out
 
 
-def evaluate_detector(model, val, radius_um: float, mpp: float, taus=None, nms_ums=(2.0, 3.0, 4.0, 5.0)):
+TAUS = [round(t, 2) for t in np.arange(0.2, 0.81, 0.05)]  # score thresholds tried on validation data
+NMS_UMS = (2.0, 3.0, 4.0, 5.0)
+
+
+def evaluate_detector(model, val, radius_um: float, mpp: float, taus=None, nms_ums=NMS_UMS):
     """Detection F1 on prepared val data for a grid of thresholds; returns the best and the table."""
     from ..metrics import PointScorer
 
-    taus = taus if taus is not None else [round(t, 2) for t in np.arange(0.25, 0.76, 0.05)]
+    taus = taus if taus is not None else TAUS
     model.eval()
     raw = [detect_at_model_mpp(model, img, tau=min(taus)) for img, _ in val]
     table = []
@@ -112,7 +120,8 @@ def evaluate_detector(model, val, radius_um: float, mpp: float, taus=None, nms_u
             for (xy, sc), (_, gt) in zip(kept, val):
                 m = sc > tau
                 scorer.add(xy[m], gt, radius_um / mpp, scores=sc[m])
-            table.append({"tau": tau, "nms_um": nms, **scorer.result()["detection"]})
+            tp, fp, fn = (int(v) for v in scorer.det)
+            table.append({"tau": tau, "nms_um": nms, "tp": tp, "fp": fp, "fn": fn, **scorer.result()["detection"]})
     best = max(table, key=lambda r: r["f1"])
     return best, table
 
@@ -170,8 +179,12 @@ def load_training_data(cfg: TrainConfig):
     return train, val
 
 
-def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
-    """Train (or resume) a detector; returns the best validation result."""
+def train_detector(cfg: TrainConfig, progress=True, log=print, samples=None) -> dict:
+    """Train (or resume) a detector; returns the best validation result.
+
+    ``samples=(train, val)`` (lists of data.Sample) replaces loading ``cfg.data``: the
+    leave-one-site-out protocol (training/loso_detector.py) passes its own split.
+    """
     from tqdm import tqdm
 
     from .checkpoint import save_detector
@@ -182,7 +195,8 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_samples, val_samples = load_training_data(cfg)
+    train_samples, val_samples = samples if samples is not None else load_training_data(cfg)
+    aug = Augment.from_dict(cfg.augment)
     train = prepare(train_samples, cfg.mpp)
     val = prepare(val_samples, cfg.mpp)
     summary = {
@@ -194,7 +208,9 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PointDetector(cfg.backbone, pretrained=cfg.pretrained).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.freeze_stages:
+        model.backbone.freeze(cfg.freeze_stages)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, best, history = 0, {"f1": -1.0}, []
     last = out / "last"
     if last.with_suffix(".json").is_file():
@@ -214,6 +230,7 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
     chunks = np.array_split(np.arange(cfg.batch_size), world * cfg.micro_batches)[rank * cfg.micro_batches : (rank + 1) * cfg.micro_batches]
     for epoch in range(start, cfg.epochs):
         model.train()
+        t_epoch = time.time()
         picks = np.random.default_rng([cfg.seed, epoch]).integers(0, len(train), size=(steps, cfg.batch_size))
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank > 0, leave=False)
         losses = []
@@ -225,7 +242,7 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
             for chunk in chunks:
                 crops, gts = [], []
                 for i in chunk:
-                    crop, pts = augment(*train[picks[step, i]], cfg.crop, np.random.default_rng([cfg.seed, epoch, step, i]))
+                    crop, pts = augment(*train[picks[step, i]], cfg.crop, np.random.default_rng([cfg.seed, epoch, step, i]), aug)
                     crops.append(crop)
                     gts.append(torch.as_tensor(pts, dtype=torch.float32, device=device))
                 x = model.normalize(torch.from_numpy(np.stack(crops)).to(device))
@@ -236,10 +253,12 @@ def train_detector(cfg: TrainConfig, progress=True, log=print) -> dict:
             opt.step()
             losses.append(step_loss)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"], "train_s": round(time.time() - t_epoch, 1)}
         if rank == 0 and val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             t0 = time.time()
-            res, _ = evaluate_detector(model, val, cfg.radius_um, cfg.mpp)
+            res, table = evaluate_detector(model, val, cfg.radius_um, cfg.mpp)
+            if cfg.keep_tables:
+                record["table"] = [[r["tau"], r["nms_um"], r["tp"], r["fp"], r["fn"]] for r in table]
             record.update(val_f1=res["f1"], val_precision=res["precision"], val_recall=res["recall"], tau=res["tau"], nms_um=res["nms_um"], eval_s=round(time.time() - t0, 1))
             if res["f1"] > best["f1"]:
                 best = {**res, "epoch": epoch + 1}
