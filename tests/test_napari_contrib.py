@@ -85,6 +85,8 @@ def test_writer_reader_round_trip(tmp_path, name):
     data, kwargs, kind = L.layer_data_tuple(det, "nuclei")
     assert kind == "points"
     np.testing.assert_allclose(data, det.xy[:, ::-1])  # napari (row, col)
+    kwargs["features"].loc[0, "source"] = "edited"  # a user's flags travel through the file
+    kwargs["features"].loc[2, "reviewed"] = True
     suffix = ".csv" if name.endswith(".csv") else ".geojson"
     writer = _writer.write_csv if suffix == ".csv" else _writer.write_geojson
     out = writer(str(tmp_path / name), data, {"features": kwargs["features"], "metadata": kwargs["metadata"]})
@@ -95,6 +97,8 @@ def test_writer_reader_round_trip(tmp_path, name):
     assert kind2 == "points"
     np.testing.assert_allclose(data2, data, atol=1e-3)
     assert list(kw2["features"]["class"].astype(str)) == ["lymphocyte", "stromal", "tumor"]
+    assert list(kw2["features"]["source"].astype(str)) == ["edited", "model", "model"]
+    assert list(kw2["features"]["reviewed"]) == [False, False, True]
     assert kw2["name"] == "pts"
 
 

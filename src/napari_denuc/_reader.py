@@ -75,5 +75,5 @@ def read_point_files(path) -> list[tuple]:
     for p in paths:
         p = Path(str(p))
         det = read_points(p)
-        out.append(layer_data_tuple(det, _stem(p), source="model", reviewed=False, extra_metadata={"path": str(p)}))
+        out.append(layer_data_tuple(det, _stem(p), source=None, reviewed=None, extra_metadata={"path": str(p)}))
     return out
