@@ -1,8 +1,8 @@
 """Train the shipped head of an encoder on all 90 BRCA-M2C train+val tiles, with the options
 chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
 
-    python training/train_default_head.py --config "eff0@0.5|litefb" --encoder effnet-lite0 \\
-        --weight-decay 0.1 --class-weight none --out src/napari_denuc/weights/effnet_lite0_head.safetensors
+    python training/train_default_head.py --config "eff0@0.5|lite" --encoder effnet-lite0 \\
+        --weight-decay 0.1 --class-weight balanced --out src/napari_denuc/weights/effnet_lite0_head.safetensors
 
 Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
 2 cores). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
@@ -23,7 +23,7 @@ from loso_heads import RUNS, features, load_features, load_samples  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="eff0@0.5|litefb")
+    ap.add_argument("--config", default="eff0@0.5|lite")
     ap.add_argument("--encoder", default="effnet-lite0")
     ap.add_argument("--root", default="../shared/data/brca_m2c")
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
+    from napari_denuc.detection.checkpoint import load_detector
     from napari_denuc.encoders import get_encoder
     from napari_denuc.head import LinearHead
     from napari_denuc.retrain import PRIOR_SIZE, stratified_sample
@@ -45,7 +46,7 @@ def main():
     x = np.concatenate([feats[s.name]["gt"] for s in samples])
     y = np.concatenate([s.labels for s in samples])
     names = samples[0].class_names
-    enc = get_encoder(a.encoder)
+    enc = get_encoder(a.encoder, detector=load_detector(None))  # the bundled detector: lite's neck
     if enc.feature_dim != x.shape[1]:
         raise SystemExit(f"{a.encoder} gives {enc.feature_dim}-d features, the cache of {a.config} {x.shape[1]}-d")
     cw = None if a.class_weight == "none" else a.class_weight

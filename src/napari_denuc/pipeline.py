@@ -13,8 +13,8 @@ from .errors import DenucError
 from .io.images import as_rgb_uint8
 from .results import Detections
 
-# Heads shipped in weights/, per encoder. The lite head reads the bundled detector's neck, so it
-# fits only that detector; the effnet head does not depend on the detector.
+# Heads shipped in weights/, per encoder. Both encoders read the bundled detector's neck, so the
+# shipped heads fit only that detector (a custom detector needs its own head: denuc-train head).
 BUNDLED_HEADS = {"effnet-lite0": "effnet_lite0_head.safetensors", "lite": "lite_head.safetensors"}
 
 
@@ -59,8 +59,8 @@ class Pipeline:
 
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
-        """Build from paths/names; None means the bundled detector, the default encoder and its
-        bundled head (for ``lite`` only with the bundled detector)."""
+        """Build from paths/names; None means the bundled detector, the default encoder and, with
+        the bundled detector, the encoder's bundled head."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .head import LinearHead
@@ -69,7 +69,7 @@ class Pipeline:
         name = encoder or default_encoder_name()
         enc = get_encoder(name, detector=det.model, weights=encoder_weights, device=device)
         shipped = bundled_head_path(name) if encoder_weights is None else None
-        if head is None and shipped is not None and shipped.is_file() and (name != "lite" or detector is None):
+        if head is None and detector is None and shipped is not None and shipped.is_file():
             head = shipped
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)

