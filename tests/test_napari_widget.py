@@ -646,3 +646,38 @@ def test_whole_slide_needs_a_region(make_napari_viewer, qtbot, env):
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     assert w.points_layer() is None
     assert "Current field of view" in w.status.text() and "10000 x 10000" in w.status.text()
+
+
+def test_retrain_on_a_slide_reads_the_slide_around_new_nuclei(make_napari_viewer, qtbot, env, monkeypatch):
+    """A slide opened by the slide reader: nuclei added by hand get their features through
+    wsi.slide_features (windows around them, level-0 coordinates), never from a whole level."""
+    from napari_denuc.wsi import slide_features as SF
+    from napari_denuc.wsi.synthetic import make_test_slide
+
+    path = env["tmp"] / "slide.tif"
+    make_test_slide(path, 2048, mpp=0.25, seed=3)
+    calls = []
+
+    def spy(encoder, source, xy, mpp=None, progress=None, **kw):
+        calls.append((str(source), np.array(xy, dtype=float), mpp))
+        return np.ones((len(xy), encoder.feature_dim), np.float32)
+
+    monkeypatch.setattr(SF, "slide_features", spy)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(path), plugin="napari-denuc")
+    image_layer = viewer.layers[-1]
+    assert image_layer.multiscale and image_layer.metadata["slide"]
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n = len(lyr.data)
+    lyr.add(np.array([[300.0, 500.0]]))  # (row, col) in level-0 pixels: a nucleus the detector missed
+    qtbot.waitUntil(lambda: len(lyr.data) == n + 1, timeout=5000)
+    lyr.selected_data = {n}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    assert len(calls) == 1
+    source, xy, mpp = calls[0]
+    assert source == str(path) and mpp == pytest.approx(0.25)
+    np.testing.assert_allclose(xy, [[500.0, 300.0]])  # (x, y) at level 0

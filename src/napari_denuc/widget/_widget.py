@@ -1514,6 +1514,8 @@ class DenucWidget(QWidget):
         mpp = float(self.mpp_spin.value())
         data = image_layer.data
         multiscale = bool(getattr(image_layer, "multiscale", False))
+        meta = dict(getattr(image_layer, "metadata", None) or {})
+        slide_path = meta.get("path") if meta.get("slide") else None  # opened by the slide reader
         image_key = self._image_key(image_layer)
         project = self.project_dir
         token = L.token_of(lyr)
@@ -1529,9 +1531,15 @@ class DenucWidget(QWidget):
             key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
             feats, found = self.features_memo.get(key, xy_all)
             missing = np.flatnonzero(~found)  # only nuclei the encoder has not seen (added, moved)
-            if len(missing):
+            if len(missing) and slide_path:
+                # A slide: read only the encoder windows around these nuclei, never a whole level.
+                from ..wsi.slide_features import slide_features
+
+                new = slide_features(pipe.encoder, slide_path, xy_all[missing], mpp=mpp, progress=self._progress_cb)
+            elif len(missing):
                 image = as_rgb_uint8(np.asarray(arr))
                 new = pipe.features_at(image, rescale_points(xy_all[missing], 1.0 / fct), mpp * fct, progress=self._progress_cb)
+            if len(missing):
                 self.features_memo.put(key, xy_all[missing], new)
                 if feats is None:
                     feats = np.zeros((len(xy_all), new.shape[1]), np.float32)
