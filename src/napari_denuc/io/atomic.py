@@ -17,25 +17,11 @@ def atomic_write(path, data: bytes | str) -> Path:
     folders are created. If anything fails the temporary file is removed and any old
     ``path`` is left untouched. ``str`` data is encoded as UTF-8.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _sync_dir(path.parent)
-    return path
+    with atomic_writer(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def _replace(tmp, path: Path) -> None:
