@@ -681,3 +681,18 @@ def test_retrain_on_a_slide_reads_the_slide_around_new_nuclei(make_napari_viewer
     source, xy, mpp = calls[0]
     assert source == str(path) and mpp == pytest.approx(0.25)
     np.testing.assert_allclose(xy, [[500.0, 300.0]])  # (x, y) at level 0
+
+
+def test_retrain_skips_corrections_outside_the_image(opened, qtbot):
+    _, w = opened
+    lyr = detect(qtbot, w)
+    n = len(lyr.data)
+    lyr.add(np.array([[-40.0, 100.0]]))  # above the image: no pixels to learn from
+    qtbot.waitUntil(lambda: len(lyr.data) == n + 1, timeout=5000)
+    lyr.selected_data = {0, n}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    assert w.last_result.n_examples == 1  # only the nucleus on the image
+    assert "Skipped 1 corrected nuclei outside the image" in w.retrain_report.text()

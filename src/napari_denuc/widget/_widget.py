@@ -1505,11 +1505,21 @@ class DenucWidget(QWidget):
             self._set_status("Review or correct some nuclei first (1-9 sets a class, r confirms one).")
             return
         xy_all = rc_to_xy(lyr.data)
+        # A point placed off the image has no pixels to describe it: it must not teach the head.
+        full = image_layer.data[0] if getattr(image_layer, "multiscale", False) else image_layer.data
+        h, w = full.shape[:2]
+        inside = (xy_all[:, 0] >= -0.5) & (xy_all[:, 0] <= w - 0.5) & (xy_all[:, 1] >= -0.5) & (xy_all[:, 1] <= h - 0.5)
+        n_outside = int((train & ~inside).sum())
+        open_mask = ~train & inside  # unedited, unreviewed, on the image: what a new head may reclassify
+        train = train & inside
+        if not train.any():
+            self._set_status(f"All {n_outside} of your corrected nuclei lie outside the image; nothing to learn from.")
+            return
         names = L.class_names(lyr)
         colors = L.class_colors(lyr)
         labels = L.class_ids(lyr)[train]
         nids = np.asarray(f["nid"], dtype=np.int64)
-        open_idx = np.flatnonzero(~train)  # unedited, unreviewed: what a new head may reclassify
+        open_idx = np.flatnonzero(open_mask)
         current = L.class_ids(lyr)[open_idx]
         mpp = float(self.mpp_spin.value())
         data = image_layer.data
@@ -1530,7 +1540,7 @@ class DenucWidget(QWidget):
             t0 = time.perf_counter()
             key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
             feats, found = self.features_memo.get(key, xy_all)
-            missing = np.flatnonzero(~found)  # only nuclei the encoder has not seen (added, moved)
+            missing = np.flatnonzero(~found & inside)  # only nuclei the encoder has not seen (added, moved)
             if len(missing) and slide_path:
                 # A slide: read only the encoder windows around these nuclei, never a whole level.
                 from ..wsi.slide_features import slide_features
@@ -1566,6 +1576,8 @@ class DenucWidget(QWidget):
             self.timings["retrain_s"] = time.perf_counter() - self._t_press
             self.last_result = res
             self.last_summary = self._retrain_summary(res, changed, len(open_idx), n_sampled)
+            if n_outside:
+                self.last_summary += f"\nSkipped {n_outside} corrected nuclei outside the image."
             self.retrain_report.setText(self.last_summary)
             self.keep_btn.setVisible(True)
             self.discard_btn.setVisible(True)
