@@ -42,7 +42,7 @@ def main():
     a = ap.parse_args()
 
     from napari_denuc.detection.checkpoint import load_detector
-    from napari_denuc.retrain import PRIOR_SIZE, retrain_head, stratified_sample
+    from napari_denuc.retrain import prior_sample, retrain_head
 
     opts = {}
     if a.weight is not None:
@@ -62,8 +62,7 @@ def main():
         x = np.concatenate([feats[s.name]["gt"] for s in fit_on])
         y = np.concatenate([s.labels for s in fit_on])
         start = fit_head(x, y, names, cw, a.weight_decay)
-        keep = stratified_sample(y, PRIOR_SIZE)
-        start.prior = (x[keep], y[keep], names)
+        start.prior = prior_sample(x, y, names)
         for rep in range(a.reps):
             rng = np.random.default_rng(rep)
             pick = rng.choice(len(tiles), size=2, replace=False)

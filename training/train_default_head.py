@@ -35,7 +35,7 @@ def main():
     from napari_denuc.detection.checkpoint import load_detector
     from napari_denuc.encoders import get_encoder
     from napari_denuc.head import LinearHead
-    from napari_denuc.retrain import PRIOR_SIZE, stratified_sample
+    from napari_denuc.retrain import prior_sample
 
     for part in a.config.split("|"):  # e.g. eff0@0.5|litefb: two caches side by side
         if len(list((RUNS / part).glob("*.npz"))) < 90:
@@ -52,8 +52,7 @@ def main():
     cw = None if a.class_weight == "none" else a.class_weight
     head = LinearHead(x.shape[1], names, encoder_id=enc.id, mpp=enc.mpp)
     fit = head.fit(x, y, class_weight=cw, weight_decay=a.weight_decay)
-    keep = stratified_sample(y, PRIOR_SIZE)
-    head.prior = (x[keep], y[keep], names)
+    head.prior = prior_sample(x, y, names)
     loso = None
     if Path(a.loso_json).is_file():
         rows = json.loads(Path(a.loso_json).read_text())["rows"]

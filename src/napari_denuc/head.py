@@ -25,15 +25,10 @@ import numpy as np
 
 from .errors import DenucError
 from .io.atomic import atomic_write
-from .io.naming import sidecar_path
+from .io.naming import prior_path, sidecar_path
 from .results import default_colors
 
 FORMAT = "napari-denuc-linear-head/1"
-
-
-def prior_path(path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".safetensors") + ".prior.safetensors")
 
 
 class LinearHead:

@@ -82,10 +82,9 @@ def train_head(pipeline, train, val=(), background=False, class_weight="balanced
     fit = head.fit(x, y, class_weight=class_weight, weight_decay=weight_decay, epochs=epochs, lr=lr)
     t_fit = time.time() - t1
     if not background:  # the sample that retraining from corrections replays (napari_denuc.retrain)
-        from .retrain import PRIOR_SIZE, stratified_sample
+        from .retrain import prior_sample
 
-        keep = stratified_sample(y, PRIOR_SIZE)
-        head.prior = (x[keep], y[keep], names)
+        head.prior = prior_sample(x, y, names)
     pipeline.head = head
     report = {
         "n_train_points": int(len(y)),

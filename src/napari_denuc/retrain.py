@@ -90,6 +90,12 @@ def stratified_sample(labels, n_max: int, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- the update
 
 
+def prior_sample(features, labels, class_names, size: int = PRIOR_SIZE) -> tuple:
+    """A head's prior sample: at most ``size`` of its training examples, class proportions kept."""
+    keep = stratified_sample(labels, size)
+    return np.asarray(features)[keep], np.asarray(labels)[keep], tuple(class_names)
+
+
 def _relabel(labels, from_names, to_names) -> np.ndarray:
     index = {n: i for i, n in enumerate(to_names)}
     missing = sorted(set(from_names) - set(index))

@@ -1,6 +1,7 @@
 """One home for naming things on disk: sidecar files, file-safe names and content hashes.
 
-- :func:`sidecar_path`: the JSON sidecar of a model file is ``<file>.json`` (heads, detectors).
+- :func:`sidecar_path`: the JSON sidecar of a model file is ``<file>.json`` (heads, detectors);
+  :func:`prior_path`: a head's prior sample is ``<stem>.prior.safetensors``.
 - :func:`safe_name`: one rule for turning free text (class names, encoder ids, image names)
   into a file-name component: letters, digits and ``- _ . +`` are kept, every other run of
   characters becomes ``_``, leading dots are dropped (no hidden files, no ``..``), and the
@@ -27,6 +28,12 @@ def sidecar_path(path) -> Path:
     """``<file>.json`` beside ``path`` (``head.safetensors`` -> ``head.safetensors.json``)."""
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+def prior_path(path) -> Path:
+    """The prior sample beside a head (``head.safetensors`` -> ``head.prior.safetensors``)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".prior.safetensors")
 
 
 def safe_name(name: str, default: str = "unnamed", max_len: int = 80) -> str:

@@ -1617,9 +1617,9 @@ class DenucWidget(QWidget):
         res = p["result"]
         lyr = self._layer_by_token(p["token"])
         if not keep or lyr is None:
-            from ..head import prior_path
+            from ..io.naming import prior_path, sidecar_path
 
-            for q in (Path(res.path), Path(str(res.path) + ".json"), prior_path(res.path)):
+            for q in (Path(res.path), sidecar_path(res.path), prior_path(res.path)):
                 with contextlib.suppress(OSError):
                     q.unlink()
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
