@@ -3,7 +3,7 @@
     python training/tune_lite_head.py --root ../shared/data/brca_m2c [--detector CKPT] [--json OUT]
 
 Grid: class weighting x background class x weight decay x detector threshold. Prints one JSON
-row per setting and the best; the chosen setting is what training/train_lite_head.sh uses.
+row per setting and the best. Superseded: the shipped heads are now chosen by leave-one-site-out (training/loso_heads.py).
 """
 
 from __future__ import annotations
