@@ -181,7 +181,8 @@ def test_from_head_retrains_through_retrain_head(tmp_path, monkeypatch):
     rc = main(["head", "--encoder", "lite", "--data", f"slides={lst}", "--class-map", cmap, "--from-head", "bundled", "--out", str(out)])
     assert rc == 0
     assert tuple(seen["names"]) == tuple(names) and isinstance(seen["old"], LinearHead)
-    assert seen["features"].shape == (35, 272) and np.bincount(seen["labels"]).tolist() == [10, 10, 10, 5]
+    # the head reads context: each nucleus with the mean of its neighbours within 40 um and their count
+    assert seen["features"].shape == (35, 2 * 272 + 1) and np.bincount(seen["labels"]).tolist() == [10, 10, 10, 5]
     head = LinearHead.load(out)
     assert head.class_names == tuple(names)
     meta = json.loads(out.with_name(out.name + ".json").read_text())

@@ -36,6 +36,7 @@ def test_head_training_single_and_torchrun_agree(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
     head = LinearHead.load(tmp_path / "one.safetensors")
     assert head.class_names == ("lymphocyte", "tumor", "stromal")
+    assert head.context_um == 40.0 and head.input_dim == 2 * head.feature_dim + 1  # the CLI's default: neighbourhood context
     side = next(p for p in tmp_path.iterdir() if p.name.startswith("one") and p.suffix == ".json")
     meta = json.loads(side.read_text())
     assert meta["training"]["n_train_points"] > 300

@@ -39,14 +39,14 @@ def sample_features(pipeline, sample, background: bool = False, radius_um: float
         from .wsi.slide_features import slide_features
 
         feats = slide_features(pipeline.encoder, sample.path, pts, sample.mpp)
-        return (with_context(feats, pts, sample.mpp, context_um) if context_um else feats), np.asarray(lab, dtype=np.int64)
-    if background:
-        xy, scores = pipeline.detect(sample.image, sample.mpp)
-        matched, _ = match_points(xy, sample.points, radius_um / sample.mpp, scores)
-        spare = np.setdiff1d(np.arange(len(xy)), matched)
-        pts = np.concatenate([pts, xy[spare]])
-        lab = np.concatenate([lab, np.full(len(spare), len(sample.class_names))])
-    feats = pipeline.features_at(sample.image, pts, sample.mpp) if len(pts) else np.zeros((0, pipeline.encoder.feature_dim), np.float32)
+    else:
+        if background:
+            xy, scores = pipeline.detect(sample.image, sample.mpp)
+            matched, _ = match_points(xy, sample.points, radius_um / sample.mpp, scores)
+            spare = np.setdiff1d(np.arange(len(xy)), matched)
+            pts = np.concatenate([pts, xy[spare]])
+            lab = np.concatenate([lab, np.full(len(spare), len(sample.class_names))])
+        feats = pipeline.features_at(sample.image, pts, sample.mpp) if len(pts) else np.zeros((0, pipeline.encoder.feature_dim), np.float32)
     return (with_context(feats, pts, sample.mpp, context_um) if context_um else feats), np.asarray(lab, dtype=np.int64)
 
 
