@@ -8,11 +8,12 @@ through ``Detector.detect`` (the path the CLI and the widget take: windows, batc
 to back so they see the same machine load. Wall seconds depend on the neighbours on a shared
 machine, so each record also carries the process CPU seconds per call and the load average.
 
-Each pair is measured twice: with OpenMP's default wait policy (what a user's process gets) and
-with ``OMP_WAIT_POLICY=PASSIVE``. On a machine whose cores are taken by other jobs, the default
-(spinning) policy makes 2 torch threads wait for each other at every parallel region: the bundled
-detector took 3.1 s instead of 0.08 s on one 512 x 512 window with two other training processes
-running. Passive waiting is close to what the same detector does on a quiet machine.
+By default the pair is measured twice: with OpenMP's default wait policy (what a user's process
+gets) and with ``OMP_WAIT_POLICY=PASSIVE``. On a machine whose cores are taken by other jobs, the
+default (spinning) policy makes 2 torch threads wait for each other at every parallel region: the
+bundled detector took 3.1 s instead of 0.1 s on one 512 x 512 window under load 5.
+``--malloc heap`` / ``mallopt`` keep large blocks on glibc's heap (see MALLOC_HEAP); ``--paired``
+adds a run timing the detectors in turn in one process. Results: docs/benchmarks.md.
 
     python training/bench_detector_speed.py --json docs/results/bench_detector_speed.json
     python training/bench_detector_speed.py --paired --wait-policy passive --malloc default --malloc heap \
