@@ -127,5 +127,5 @@ def test_bad_input(start):
         update_head(None, x, np.zeros(10, int), ("tumor",))
     with pytest.raises(DenucError, match="missing from the new class list"):
         update_head(start, x, y % 2, ("tumor", "lymphocyte"))
-    with pytest.raises(DenucError, match="expects 16-d features"):
+    with pytest.raises(DenucError, match="expects 16-d inputs"):
         update_head(start, np.zeros((3, 8), np.float32), np.zeros(3, int), NAMES)

@@ -10,7 +10,7 @@ and end-to-end f_avg (bundled detector's points) and ground-truth-point f_avg ar
 the test tiles. Reported: the change against the starting head, mean and worst over sites x
 reps; and for comparison the old behaviour (a fresh head on the corrections alone).
 
-    python training/bench_adapt.py --config eff0@0.25 [--weight 20] [--anchor 0.03] [--json OUT]
+    python training/bench_adapt.py --config eff0@0.25 [--context-um 40] [--weight 20] [--anchor 0.03] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loso_heads import detections, fit_head, load_features, load_samples, score, site_of  # noqa: E402
+from loso_heads import add_context, detections, fit_head, load_features, load_samples, score, site_of  # noqa: E402
 
 KS = (1, 10, 30, 100, 300)
 
@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--anchor", type=float, default=None)
     ap.add_argument("--class-weight", default="none")
     ap.add_argument("--weight-decay", type=float, default=0.03)
+    ap.add_argument("--context-um", type=float, default=0.0, help="neighbourhood context radius (0: none)")
     ap.add_argument("--scratch", action="store_true", help="also score a fresh head on the corrections alone")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -54,6 +55,8 @@ def main():
     names = samples[0].class_names
     feats = load_features(a.config, samples)
     dets = detections(load_detector(None), samples)
+    if a.context_um:  # the user's corrections are nuclei of fully detected tiles: their context is complete
+        feats = add_context(feats, samples, dets, a.context_um)
     cw = None if a.class_weight == "none" else a.class_weight
     rows = []
     for site in sorted({site_of(s.name) for s in samples}):
@@ -107,7 +110,7 @@ def main():
                   + (f"   scratch {s['scratch_mean_d_e2e']:+.4f}" if sc else ""))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"config": a.config, "options": opts, "summary": summary, "rows": rows}, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps({"config": a.config, "context_um": a.context_um, "options": opts, "summary": summary, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ sites is the headline, the 10-tile val split (same sites as train) is secondary.
     python training/loso_heads.py features --config eff0@0.25 [--root ../shared/data/brca_m2c]
     # 2. the option grid on the cached features -> docs/results/loso_heads.json
     python training/loso_heads.py select --config eff0@0.25 --config lite ... [--json OUT]
+    # 3. with neighbourhood context (napari_denuc.context) at one or more radii, in um
+    python training/loso_heads.py select --config 'eff0@0.5|lite' --context-um 40 --context-um 60
 
 Configurations: ``lite`` (filter bank + bundled detector neck), ``litefb`` (filter bank only),
 ``eff<v>@<mpp>`` (ImageNet EfficientNet-Lite<v> at working resolution mpp), optionally with a
@@ -134,6 +136,18 @@ def load_features(config, samples):
     return out
 
 
+def add_context(feats, samples, dets, radius_um):
+    """Each point's features plus its neighbours' (napari_denuc.context); the neighbours are the
+    other points of the same set: ground-truth points for ``gt`` (and its HED copies), detections for ``det``."""
+    from napari_denuc.context import with_context
+
+    out = {}
+    for s in samples:
+        f = feats[s.name]
+        out[s.name] = {k: with_context(v, dets[s.name][0] if k == "det" else s.points, s.mpp, radius_um) for k, v in f.items()}
+    return out
+
+
 def fit_head(x, y, names, class_weight, weight_decay):
     from napari_denuc.head import LinearHead
 
@@ -165,12 +179,12 @@ def training_set(samples, feats, augmented: bool):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def evaluate(config, train, val, dets, class_weight, weight_decay, feats):
+def evaluate(config, train, val, dets, class_weight, weight_decay, feats, context_um=0.0):
     names = train[0].class_names
     samples = train + val
     sites = sorted({site_of(s.name) for s in samples})
     aug = "+hed" in config
-    row = {"config": config, "class_weight": class_weight, "weight_decay": weight_decay, "sites": {}}
+    row = {"config": config, "class_weight": class_weight, "weight_decay": weight_decay, "context_um": context_um, "sites": {}}
     for site in sites:
         fit_on = [s for s in samples if site_of(s.name) != site]
         held = [s for s in samples if site_of(s.name) == site]
@@ -185,7 +199,7 @@ def evaluate(config, train, val, dets, class_weight, weight_decay, feats):
     return row
 
 
-def select(configs, root, json_out, weight_decays, class_weights):
+def select(configs, root, json_out, weight_decays, class_weights, context_ums=(0.0,)):
     from napari_denuc.detection.checkpoint import load_detector
 
     train, val = load_samples(root)
@@ -193,17 +207,19 @@ def select(configs, root, json_out, weight_decays, class_weights):
     rows = []
     if json_out and Path(json_out).is_file():
         rows = json.loads(Path(json_out).read_text())["rows"]
-    done = {(r["config"], r["class_weight"], r["weight_decay"]) for r in rows}
-    for config in configs:
+    done = {(r["config"], r["class_weight"], r["weight_decay"], r.get("context_um", 0.0)) for r in rows}
+    for config, ctx in itertools.product(configs, context_ums):
         feats = load_features(config, train + val)
+        if ctx:
+            feats = add_context(feats, train + val, dets, ctx)
         for cw, wd in itertools.product(class_weights, weight_decays):
             cw = None if cw == "none" else cw
-            if (config, cw, wd) in done:
+            if (config, cw, wd, ctx) in done:
                 continue
-            row = evaluate(config, train, val, dets, cw, wd, feats)
+            row = evaluate(config, train, val, dets, cw, wd, feats, ctx)
             rows.append(row)
             per_site = "  ".join(f"{k} {v['gt_points_f_avg']:.3f}/{v['end_to_end_f_avg']:.3f}" for k, v in row["sites"].items())
-            print(f"{config:>18} cw={str(cw):8} wd={wd:<6} LOSO gt {row['loso_gt_points']:.4f} e2e {row['loso_end_to_end']:.4f}"
+            print(f"{config:>18} ctx={ctx:g} cw={str(cw):8} wd={wd:<6} LOSO gt {row['loso_gt_points']:.4f} e2e {row['loso_end_to_end']:.4f}"
                   f" | {per_site} | val gt {row['val_gt_points']:.4f} e2e {row['val_end_to_end']:.4f}", flush=True)
             if json_out:
                 Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -220,12 +236,14 @@ def main():
     ap.add_argument("--json", default="docs/results/loso_heads.json")
     ap.add_argument("--weight-decay", type=float, action="append")
     ap.add_argument("--class-weight", action="append")
+    ap.add_argument("--context-um", type=float, action="append", help="neighbourhood context radius (0 = none)")
     a = ap.parse_args()
     if a.what == "features":
         for c in a.config:
             features(c, a.root)
     else:
-        select(a.config, a.root, a.json, a.weight_decay or [0.003, 0.01, 0.03, 0.1], a.class_weight or ["none", "balanced"])
+        select(a.config, a.root, a.json, a.weight_decay or [0.003, 0.01, 0.03, 0.1], a.class_weight or ["none", "balanced"],
+               a.context_um or [0.0])
 
 
 if __name__ == "__main__":

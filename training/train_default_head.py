@@ -1,8 +1,8 @@
 """Train the shipped head of an encoder on all 90 BRCA-M2C train+val tiles, with the options
 chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
 
-    python training/train_default_head.py --config "eff0@0.5|lite" --encoder effnet-lite0 \\
-        --weight-decay 0.1 --class-weight balanced --out src/napari_denuc/weights/effnet_lite0_head.safetensors
+    python training/train_default_head.py --config "eff0@0.5|lite" --encoder effnet-lite0 --context-um 40 \\
+        --weight-decay 0.3 --class-weight balanced --out src/napari_denuc/weights/effnet_lite0_head.safetensors
 
 Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
 2 cores). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loso_heads import RUNS, features, load_features, load_samples  # noqa: E402
+from loso_heads import RUNS, add_context, detections, features, load_features, load_samples  # noqa: E402
 
 
 def main():
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--root", default="../shared/data/brca_m2c")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--class-weight", default="none")
+    ap.add_argument("--context-um", type=float, default=0.0, help="neighbourhood context radius (0: none)")
     ap.add_argument("--loso-json", default="docs/results/loso_heads.json")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -43,20 +44,23 @@ def main():
     train, val = load_samples(a.root)
     samples = train + val
     feats = load_features(a.config, samples)
+    if a.context_um:
+        feats = add_context(feats, samples, detections(load_detector(None), samples), a.context_um)
     x = np.concatenate([feats[s.name]["gt"] for s in samples])
     y = np.concatenate([s.labels for s in samples])
     names = samples[0].class_names
     enc = get_encoder(a.encoder, detector=load_detector(None))  # the bundled detector: lite's neck
-    if enc.feature_dim != x.shape[1]:
+    head = LinearHead(enc.feature_dim, names, encoder_id=enc.id, mpp=enc.mpp, context_um=a.context_um)
+    if head.input_dim != x.shape[1]:
         raise SystemExit(f"{a.encoder} gives {enc.feature_dim}-d features, the cache of {a.config} {x.shape[1]}-d")
     cw = None if a.class_weight == "none" else a.class_weight
-    head = LinearHead(x.shape[1], names, encoder_id=enc.id, mpp=enc.mpp)
     fit = head.fit(x, y, class_weight=cw, weight_decay=a.weight_decay)
     head.prior = prior_sample(x, y, names)
     loso = None
     if Path(a.loso_json).is_file():
         rows = json.loads(Path(a.loso_json).read_text())["rows"]
-        loso = next((r for r in rows if r["config"] == a.config and r["class_weight"] == cw and r["weight_decay"] == a.weight_decay), None)
+        loso = next((r for r in rows if r["config"] == a.config and r["class_weight"] == cw and r["weight_decay"] == a.weight_decay
+                     and r.get("context_um", 0.0) == a.context_um), None)
     head.save(a.out, metadata={"training": {
         "data": "BRCA-M2C train + val (90 tiles, sites A7, A8, AC), ground-truth points",
         "recipe": " ".join(sys.argv), **fit},

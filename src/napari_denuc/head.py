@@ -1,6 +1,12 @@
-"""The linear classification head: one ``nn.Linear(feature_dim, K[+1])`` on standardised features.
+"""The linear classification head: one ``nn.Linear(input_dim, K[+1])`` on standardised inputs.
 
-Feature standardisation (mean/std of the training features) is stored in the head, so every
+A head reads the encoder's features of each nucleus (``feature_dim``), and with
+``context_um > 0`` also the mean features of the nuclei around it and their count
+(:mod:`napari_denuc.context`; ``input_dim = 2 * feature_dim + 1``). ``inputs(features, xy, mpp)``
+turns one image's encoder features into the head's inputs; ``fit``, ``predict_proba`` and the
+prior sample work on inputs.
+
+Input standardisation (mean/std of the training inputs) is stored in the head, so every
 encoder's raw features can be used as they come. With ``background=True`` the head has one
 extra output for "not a nucleus" (label ``K`` = ``len(class_names)``); ``predict_proba`` then
 returns the class probabilities renormalised over the K nucleus classes and
@@ -23,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from .context import context_dim, with_context
 from .errors import DenucError
 from .io.atomic import atomic_write
 from .io.naming import prior_path, sidecar_path
@@ -35,10 +42,12 @@ class LinearHead:
     """Linear classifier on encoder features; see the module docstring."""
 
     def __init__(self, feature_dim: int, class_names, class_colors=None, encoder_id: str = "", mpp: float = 0.5,
-                 background: bool = False):
+                 background: bool = False, context_um: float = 0.0):
         import torch
 
         self.feature_dim = int(feature_dim)
+        self.context_um = float(context_um)
+        self.input_dim = context_dim(self.feature_dim) if self.context_um > 0 else self.feature_dim
         self.class_names = tuple(str(c) for c in class_names)
         if not self.class_names:
             raise DenucError("a head needs at least one class name")
@@ -51,12 +60,12 @@ class LinearHead:
         self.encoder_id = str(encoder_id)
         self.mpp = float(mpp)
         self.background = bool(background)
-        self.linear = torch.nn.Linear(self.feature_dim, k + int(self.background))
-        self.mean = np.zeros(self.feature_dim, dtype=np.float32)
-        self.std = np.ones(self.feature_dim, dtype=np.float32)
+        self.linear = torch.nn.Linear(self.input_dim, k + int(self.background))
+        self.mean = np.zeros(self.input_dim, dtype=np.float32)
+        self.std = np.ones(self.input_dim, dtype=np.float32)
         self.summary: dict = {}
         self.metadata: dict = {}
-        self.prior: tuple | None = None  # (features (N, D), labels (N,), class names) or None
+        self.prior: tuple | None = None  # (inputs (N, input_dim), labels (N,), class names) or None
         self.path: Path | None = None  # where it was loaded from or saved to
 
     @property
@@ -68,17 +77,27 @@ class LinearHead:
         """The label used for background examples when ``background=True``."""
         return self.num_classes if self.background else None
 
-    # ------------------------------------------------------------------ training
-    def _check_features(self, features) -> np.ndarray:
+    def inputs(self, features, xy, mpp: float) -> np.ndarray:
+        """The head's inputs for all nuclei of one image: their encoder ``features`` (N, feature_dim),
+        plus, with context, what the others within ``context_um`` of each look like. ``xy`` are the
+        same nuclei in pixels of the image at ``mpp``; they are all each other's neighbours."""
         f = np.asarray(features, dtype=np.float32)
         if f.ndim != 2 or f.shape[1] != self.feature_dim:
             raise DenucError(f"expected features of shape (N, {self.feature_dim}), got {f.shape}; was the head trained with another encoder?")
+        return with_context(f, xy, mpp, self.context_um) if self.context_um > 0 else f
+
+    # ------------------------------------------------------------------ training
+    def _check_features(self, features) -> np.ndarray:
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self.input_dim:
+            hint = " (encoder features need head.inputs(features, xy, mpp) first)" if self.input_dim != self.feature_dim else ""
+            raise DenucError(f"expected head inputs of shape (N, {self.input_dim}), got {f.shape}; was the head trained with another encoder?{hint}")
         return f
 
     def fit(self, features, labels, class_weight=None, epochs: int = 100, lr: float = 0.01, batch_size: int = 256,
             seed: int = 0, progress: Callable[[int, int], None] | None = None, weight_decay: float = 1e-2,
             optimizer: str = "lbfgs") -> dict:
-        """Cross-entropy training on (N, D) features and labels in [0, K) (K = background).
+        """Cross-entropy training on (N, input_dim) inputs and labels in [0, K) (K = background).
 
         ``optimizer="lbfgs"`` (default): full-batch L-BFGS, ``epochs`` iterations, ``lr`` unused;
         ``"adam"``: mini-batches of ``batch_size`` for ``epochs`` epochs at ``lr``. ``weight_decay``
@@ -123,7 +142,7 @@ class LinearHead:
         xt = torch.from_numpy((x - self.mean) / self.std)
         yt = torch.from_numpy(y)
         wt = torch.from_numpy(w)
-        lin = torch.nn.Linear(self.feature_dim, n_out)
+        lin = torch.nn.Linear(self.input_dim, n_out)
         torch.nn.init.zeros_(lin.weight)
         with torch.no_grad():  # start at the class priors
             lin.bias.copy_(torch.log(torch.from_numpy(counts.astype(np.float32) / len(y))))
@@ -236,6 +255,7 @@ class LinearHead:
             "format": FORMAT,
             "encoder_id": self.encoder_id,
             "feature_dim": self.feature_dim,
+            "context_um": self.context_um,
             "class_names": list(self.class_names),
             "class_colors": [list(c) for c in self.class_colors],
             "mpp": self.mpp,
@@ -299,6 +319,7 @@ class LinearHead:
                 encoder_id=meta.get("encoder_id", ""),
                 mpp=float(meta.get("mpp", 0.5)),
                 background=bool(meta.get("background", False)),
+                context_um=float(meta.get("context_um", 0.0)),
             )
             import torch
 

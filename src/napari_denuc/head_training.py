@@ -22,11 +22,14 @@ from .metrics import match_points
 BACKGROUND = "background"
 
 
-def sample_features(pipeline, sample, background: bool = False, radius_um: float = 3.0):
-    """(features, labels) of one sample's annotated nuclei, plus unmatched detections as class K.
+def sample_features(pipeline, sample, background: bool = False, radius_um: float = 3.0, context_um: float = 0.0):
+    """(head inputs, labels) of one sample's annotated nuclei, plus unmatched detections as class K.
 
+    With ``context_um`` each nucleus also reads its neighbours among the sample's points
+    (:mod:`napari_denuc.context`), so the points must be all the nuclei of the image or region.
     A whole slide (``data.slides.SlideSample``) is read only in windows around its points.
     """
+    from .context import with_context
     from .data.slides import SlideSample
 
     pts, lab = sample.points, sample.labels
@@ -35,7 +38,8 @@ def sample_features(pipeline, sample, background: bool = False, radius_um: float
             raise DenucError("--background needs whole images to detect on; it is not available for slides")
         from .wsi.slide_features import slide_features
 
-        return slide_features(pipeline.encoder, sample.path, pts, sample.mpp), np.asarray(lab, dtype=np.int64)
+        feats = slide_features(pipeline.encoder, sample.path, pts, sample.mpp)
+        return (with_context(feats, pts, sample.mpp, context_um) if context_um else feats), np.asarray(lab, dtype=np.int64)
     if background:
         xy, scores = pipeline.detect(sample.image, sample.mpp)
         matched, _ = match_points(xy, sample.points, radius_um / sample.mpp, scores)
@@ -43,11 +47,12 @@ def sample_features(pipeline, sample, background: bool = False, radius_um: float
         pts = np.concatenate([pts, xy[spare]])
         lab = np.concatenate([lab, np.full(len(spare), len(sample.class_names))])
     feats = pipeline.features_at(sample.image, pts, sample.mpp) if len(pts) else np.zeros((0, pipeline.encoder.feature_dim), np.float32)
-    return feats, np.asarray(lab, dtype=np.int64)
+    return (with_context(feats, pts, sample.mpp, context_um) if context_um else feats), np.asarray(lab, dtype=np.int64)
 
 
-def collect_features(pipeline, samples, background: bool = False, radius_um: float = 3.0, desc: str = "features"):
-    """(features, labels) over ``samples``; labels index the samples' classes, K = background.
+def collect_features(pipeline, samples, background: bool = False, radius_um: float = 3.0, desc: str = "features",
+                     context_um: float = 0.0):
+    """(head inputs, labels) over ``samples``; labels index the samples' classes, K = background.
 
     Under torchrun each rank encodes every world-th sample and the pieces are gathered back in
     sample order, so all ranks hold exactly what one process would have computed.
@@ -56,7 +61,7 @@ def collect_features(pipeline, samples, background: bool = False, radius_um: flo
 
     rank, world = distributed.setup()
     mine = range(rank, len(samples), world)
-    done = {i: sample_features(pipeline, samples[i], background, radius_um)
+    done = {i: sample_features(pipeline, samples[i], background, radius_um, context_um)
             for i in tqdm(mine, desc=desc, disable=rank > 0 or not sys.stderr.isatty(), leave=False)}
     parts = {i: fl for shard in distributed.all_gather(done) for i, fl in shard.items()}
     feats = [parts[i][0] for i in range(len(samples))]
@@ -67,7 +72,7 @@ def collect_features(pipeline, samples, background: bool = False, radius_um: flo
 
 
 def train_head(pipeline, train, val=(), background=False, class_weight="balanced", weight_decay=0.03, epochs=100, lr=0.01,
-               radius_um=3.0, log=print):
+               radius_um=3.0, log=print, context_um: float = 0.0):
     """Fit a new LinearHead for ``pipeline.encoder`` on ``train``; attach it to the pipeline and score it on ``val``."""
     from .head import LinearHead
 
@@ -75,9 +80,10 @@ def train_head(pipeline, train, val=(), background=False, class_weight="balanced
     if any(tuple(s.class_names) != names for s in list(train) + list(val)):
         raise DenucError("all training and validation data sets must share the same class names; map them first")
     t0 = time.time()
-    x, y = collect_features(pipeline, train, background, radius_um, "train features")
+    x, y = collect_features(pipeline, train, background, radius_um, "train features", context_um)
     t_feat = time.time() - t0
-    head = LinearHead(pipeline.encoder.feature_dim, names, encoder_id=pipeline.encoder.id, mpp=pipeline.encoder.mpp, background=background)
+    head = LinearHead(pipeline.encoder.feature_dim, names, encoder_id=pipeline.encoder.id, mpp=pipeline.encoder.mpp, background=background,
+                      context_um=context_um)
     t1 = time.time()
     fit = head.fit(x, y, class_weight=class_weight, weight_decay=weight_decay, epochs=epochs, lr=lr)
     t_fit = time.time() - t1
@@ -121,6 +127,6 @@ def retrain_from_samples(pipeline, old_head, samples, save_path, metadata=None):
     names = tuple(samples[0].class_names) if samples else old
     if any(tuple(s.class_names) != names for s in samples) or names[: len(old)] != old:
         raise DenucError(f"the corrections' classes must start with the head's ({', '.join(old)}); map them with --class-map")
-    x, y = collect_features(pipeline, samples, desc="correction features")
+    x, y = collect_features(pipeline, samples, desc="correction features", context_um=old_head.context_um)
     colors = tuple(old_head.class_colors) + tuple(default_colors(len(names))[len(old):])
     return retrain_head(old_head, x, y, names, colors, Path(save_path), metadata={"n_corrections": len(y), **(metadata or {})})

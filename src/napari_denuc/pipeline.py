@@ -101,6 +101,8 @@ class Pipeline:
     def classify(self, image, xy, mpp: float, progress=None):
         """(class_ids, probs, background) for points ``xy``; requires a head.
 
+        ``xy`` should be all the nuclei of the image: a head with context reads each one's neighbours.
+
         ``background`` is each point's probability of being no nucleus at all (zeros unless
         the head was trained with a background class).
         """
@@ -110,9 +112,9 @@ class Pipeline:
         k = len(self.head.class_names)
         if len(xy) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros((0, k), dtype=np.float32), np.zeros(0, dtype=np.float32)
-        feats = self.features_at(image, xy, mpp, progress=progress)
-        probs = self.head.predict_proba(feats)
-        return probs.argmax(1), probs, self.head.background_proba(feats)
+        inputs = self.head.inputs(self.features_at(image, xy, mpp, progress=progress), xy, mpp)
+        probs = self.head.predict_proba(inputs)
+        return probs.argmax(1), probs, self.head.background_proba(inputs)
 
     def run(
         self,
@@ -155,8 +157,9 @@ class Pipeline:
         if with_head:
             k = len(self.head.class_names)
             if len(xy):
-                probs = np.asarray(self.head.predict_proba(feats), dtype=np.float32)
-                background = np.asarray(self.head.background_proba(feats))
+                inputs = self.head.inputs(feats, xy, mpp)
+                probs = np.asarray(self.head.predict_proba(inputs), dtype=np.float32)
+                background = np.asarray(self.head.background_proba(inputs))
             else:
                 probs, background = np.zeros((0, k), np.float32), np.zeros(0, np.float32)
             class_ids = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)

@@ -124,12 +124,12 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
         raise DenucError("the head needs at least two classes; add a class, label some nuclei with it and retrain")
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise DenucError(f"labels must index the classes {list(names)}")
-    dim = x.shape[1] if len(x) else old_head.feature_dim
+    dim = x.shape[1] if len(x) else old_head.input_dim
     if old_head is not None:
         if getattr(old_head, "background", False):
             raise DenucError("heads with a background class cannot be updated from corrections; train one with denuc-train head")
-        if old_head.feature_dim != dim:
-            raise DenucError(f"the current head expects {old_head.feature_dim}-d features, the corrections have {dim}-d")
+        if old_head.input_dim != dim:
+            raise DenucError(f"the current head expects {old_head.input_dim}-d inputs, the corrections have {dim}-d")
         to_new = _relabel(np.arange(old_head.num_classes), old_head.class_names, names)  # old class i -> new index
     targets = np.eye(k, dtype=np.float32)[y]
     n_prior = len(prior[1]) if prior is not None else 0
@@ -164,8 +164,11 @@ def update_head(old_head, features, labels, class_names, class_colors=None, prio
         by_name = dict(zip(old_head.class_names, old_head.class_colors))
         colors = [by_name.get(n) for n in names]
         colors = None if any(c is None for c in colors) else colors
-    head = LinearHead(dim, names, class_colors=colors, encoder_id=getattr(old_head, "encoder_id", ""),
-                      mpp=getattr(old_head, "mpp", 0.5))
+    if old_head is not None:  # same encoder, same neighbourhood context
+        head = LinearHead(old_head.feature_dim, names, class_colors=colors, encoder_id=old_head.encoder_id, mpp=old_head.mpp,
+                          context_um=old_head.context_um)
+    else:
+        head = LinearHead(dim, names, class_colors=colors)
     w0 = torch.zeros(k, dim)
     counts = (targets * w[:, None]).sum(axis=0) + 1.0
     b0 = torch.from_numpy(np.log(counts / counts.sum()).astype(np.float32))
@@ -253,6 +256,9 @@ def retrain_head(old_head, features, labels, class_names, class_colors, save_pat
                  prior=None, **update_options) -> RetrainResult:
     """Update ``old_head`` with the user's corrections and save it to ``save_path`` (never overwritten;
     None: do not save). The prior sample is ``prior`` or else ``old_head.prior``.
+
+    ``features`` are the head's inputs for the corrected nuclei: ``old_head.inputs(...)`` of the
+    encoder features of all nuclei of their image, rows picked after (the context needs them all).
     """
     t0 = time.perf_counter()
     features = np.asarray(features, dtype=np.float32).reshape(len(labels), -1)
@@ -262,7 +268,7 @@ def retrain_head(old_head, features, labels, class_names, class_colors, save_pat
         raise DenucError(f"{save_path} already exists; heads are never overwritten")
     if prior is None and old_head is not None:
         prior = old_head.prior
-    if prior is not None and old_head is not None and int(prior[0].shape[1]) != old_head.feature_dim:
+    if prior is not None and old_head is not None and int(prior[0].shape[1]) != old_head.input_dim:
         prior = None  # a prior of another encoder cannot be replayed
     before, after, n_eval, folds = held_out_accuracy(old_head, features, labels, names, prior, **update_options) if cv else (None, None, 0, 0)
     head = update_head(old_head, features, labels, names, class_colors, prior=prior, **update_options)

@@ -63,7 +63,10 @@ def build_parser():
     h.add_argument("--out", required=True, help="head file to write (.safetensors + .json sidecar)")
     h.add_argument("--background", action="store_true", help="add a background class trained on detections that match no nucleus")
     h.add_argument("--class-weight", choices=["none", "balanced"], default="balanced", help="balanced (default) weighs classes by inverse frequency: it raises the mean per-class F1")
-    h.add_argument("--weight-decay", type=float, default=0.03, help="L2 penalty of the head (chosen on BRCA-M2C val: training/tune_lite_head.py)")
+    h.add_argument("--weight-decay", type=float, default=0.3, help="L2 penalty of the head (chosen by leave-one-site-out: training/loso_heads.py)")
+    h.add_argument("--context-um", type=float, default=40.0,
+                   help="each nucleus also reads the mean features of the nuclei within this radius and their count (0: off; "
+                        "chosen by leave-one-site-out). The training points must then be all the nuclei of each image or region")
     h.add_argument("--epochs", type=int, default=100)
     h.add_argument("--lr", type=float, default=0.01)
     h.add_argument("--radius-um", type=float, default=3.0)
@@ -171,7 +174,7 @@ def _head(args) -> int:
     head, report = train_head(
         pipe, train, val, background=args.background,
         class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
-        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um,
+        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um, context_um=args.context_um,
     )
     if distributed.setup()[0] > 0:
         return 0  # every rank fitted the same head; rank 0 writes it

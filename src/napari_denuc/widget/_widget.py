@@ -1257,7 +1257,7 @@ class DenucWidget(QWidget):
                 keep = E.in_region(det.xy, None, poly)
                 det, feats = E.subset(det, keep), (None if feats is None else feats[keep])
             key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), f)
-            return E.Candidates(det, feats, floor, region, poly), tau, key
+            return E.Candidates(det, feats, floor, region, poly, head=pipe.head, mpp=mpp), tau, key
 
         self._job_image = image_layer
         title = "Loading models, then detecting" if self.pipeline is None else "Detecting and classifying nuclei"
@@ -1557,8 +1557,13 @@ class DenucWidget(QWidget):
             t_feat = time.perf_counter() - t0
             enc_id = getattr(pipe.encoder, "id", "") or "encoder"
             path = session.next_head_path(session.heads_dir(project), enc_id)
-            res = retrain_head(pipe.head, feats[train], labels, names, colors, path, metadata={"image": image_layer.name})
-            probs = np.asarray(res.head.predict_proba(feats[open_idx]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
+            # The head reads each nucleus with its neighbours: every nucleus on the image is context.
+            on_image = np.flatnonzero(inside)
+            row = np.full(len(xy_all), -1)
+            row[on_image] = np.arange(len(on_image))
+            x = pipe.head.inputs(feats[on_image], xy_all[on_image], mpp) if pipe.head is not None else feats[on_image]
+            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, metadata={"image": image_layer.name})
+            probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
             fit_info = getattr(res, "fit_info", None)
             if isinstance(fit_info, dict):
                 fit_info["features_s"] = t_feat

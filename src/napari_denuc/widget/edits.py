@@ -32,10 +32,17 @@ class Candidates:
     tau_floor: float
     region: tuple | None = None  # (x0, y0, x1, y1) full-resolution box the run covered, None: all
     poly: np.ndarray | None = None
+    head: object = None  # the head that classified them
+    mpp: float = 0.5  # of the full-resolution pixels
 
     def select(self, tau: float) -> tuple[Detections, np.ndarray | None]:
         keep = self.det.scores > tau  # the detector keeps prob > tau
-        return subset(self.det, keep), (None if self.features is None else self.features[keep])
+        det, feats = subset(self.det, keep), (None if self.features is None else self.features[keep])
+        if getattr(self.head, "context_um", 0) > 0 and feats is not None and len(det):
+            # A nucleus's context is the other nuclei kept at this tau, not every low-score candidate.
+            probs = self.head.predict_proba(self.head.inputs(feats, det.xy, self.mpp))
+            det = Detections(det.xy, det.scores, probs.argmax(1), det.class_names, det.class_colors, probs)
+        return det, feats
 
     def count(self, tau: float) -> int:
         return int((self.det.scores > tau).sum())
