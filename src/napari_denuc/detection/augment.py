@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import numpy as np
-from skimage.color import hed_from_rgb, rgb_from_hed
 
 from ..errors import DenucError
 from ..geometry import rescale_points
@@ -49,8 +48,16 @@ class Augment:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Augment:
+        """From a config's ``augment`` dict: an optional ``"preset"`` name, then field overrides."""
+        d = dict(d or {})
+        preset = d.pop("preset", "shipped")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return cls.preset(preset, **{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def config(cls, preset: str) -> dict:
+        """What a training config records for a preset: its name and every field it sets."""
+        return {"preset": preset, **cls.preset(preset).to_dict()}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +71,8 @@ def hed_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05,
     """
     if sigma == 0 and bias == 0:
         return image
+    from skimage.color import hed_from_rgb, rgb_from_hed  # here, not at import: denuc-train --help reads the presets
+
     od = -np.log(np.maximum(image.astype(np.float32), 1.0) / 255.0)
     hed = od.reshape(-1, 3) @ hed_from_rgb.astype(np.float32)
     hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32) + rng.uniform(-bias, bias, 3).astype(np.float32)

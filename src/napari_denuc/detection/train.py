@@ -57,7 +57,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch default
     max_images: int = 0  # for smoke tests: use only this many training images (0 = all)
     micro_batches: int = 1  # split each process's share of a batch into this many forward passes
-    augment: dict = field(default_factory=dict)  # Augment fields (detection.augment); empty = the shipped recipe
+    augment: dict = field(default_factory=dict)  # Augment.from_dict: optional "preset" + fields; empty = the shipped recipe
     freeze_stages: int = 0  # pretrained timm backbones: freeze the stem and this many first stages (kept in eval mode)
     keep_tables: bool = False  # store the whole tau x NMS table of every evaluation in the history (LOSO selection)
 
@@ -193,10 +193,15 @@ def train_detector(cfg: TrainConfig, progress=True, log=print, samples=None) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    # The model and the augmentation first: a bad backbone, --freeze-stages or preset fails before the data load.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PointDetector(cfg.backbone, pretrained=cfg.pretrained).to(device)
+    if cfg.freeze_stages:
+        model.backbone.freeze(cfg.freeze_stages)
+    aug = Augment.from_dict(cfg.augment)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = samples if samples is not None else load_training_data(cfg)
-    aug = Augment.from_dict(cfg.augment)
     train = prepare(train_samples, cfg.mpp)
     val = prepare(val_samples, cfg.mpp)
     summary = {
@@ -206,10 +211,6 @@ def train_detector(cfg: TrainConfig, progress=True, log=print, samples=None) -> 
         "n_val_images": len(val),
     }
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PointDetector(cfg.backbone, pretrained=cfg.pretrained).to(device)
-    if cfg.freeze_stages:
-        model.backbone.freeze(cfg.freeze_stages)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, best, history = 0, {"f1": -1.0}, []
     last = out / "last"
