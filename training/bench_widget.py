@@ -106,7 +106,7 @@ def main(argv=None):
     t = time.perf_counter()
     feats = pipe.features_at(mosaic, xy, 0.5)
     out["features_first_time_s"] = round(time.perf_counter() - t, 3)
-    probs = pipe.head.predict_proba(feats)
+    probs = pipe.head.predict_proba(pipe.head.inputs(feats, xy, 0.5))
     det = Detections(xy, np.full(len(xy), 0.9), probs.argmax(1), pipe.class_names, pipe.class_colors, probs)
     path = write_points(os.path.join(tmp, "mosaic.csv"), det)
     viewer.add_image(mosaic, rgb=True, name="mosaic", metadata={"mpp": 0.5})
