@@ -340,6 +340,7 @@ from napari_denuc.wsi.slides import open_slide
 with open_slide(sys.argv[-1]) as src:
     crop = src.read_level(0, 0, 0, 64, 64)
 LiteEncoder(load_detector(None)).window_features(crop, np.array([[30.0, 30.0]]))
+import scipy.sparse, scipy.spatial  # noqa: E401,F401  loaded by the context head: libraries, not data read from the slide
 def status(key):  # VmHWM is this process's own peak; ru_maxrss would inherit the parent's at exec
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
