@@ -192,19 +192,18 @@ class History:
         self.reset(layer)
 
     def undo(self, layer, on_apply=None) -> Action | None:
-        if not self.undo_stack:
-            return None
-        act = self.undo_stack.pop()
-        self._apply(layer, act, True, on_apply)
-        self.redo_stack.append(act)
-        return act
+        return self._step(layer, self.undo_stack, self.redo_stack, True, on_apply)
 
     def redo(self, layer, on_apply=None) -> Action | None:
-        if not self.redo_stack:
+        return self._step(layer, self.redo_stack, self.undo_stack, False, on_apply)
+
+    def _step(self, layer, source: list, target: list, undo: bool, on_apply) -> Action | None:
+        """Apply the top action of ``source`` (backwards when ``undo``) and move it to ``target``."""
+        if not source:
             return None
-        act = self.redo_stack.pop()
-        self._apply(layer, act, False, on_apply)
-        self.undo_stack.append(act)
+        act = source.pop()
+        self._apply(layer, act, undo, on_apply)
+        target.append(act)
         return act
 
     def pop_top_if(self, label: str, layer, on_apply=None) -> bool:
