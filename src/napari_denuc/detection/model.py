@@ -75,10 +75,20 @@ class ShuffleNetFeatures(nn.Module):
     def freeze(self, stages: int) -> None:
         raise DenucError("freezing stages is implemented for EfficientNet-style timm backbones (e.g. efficientnet_lite0), not ShuffleNetV2")
 
-    def forward(self, x):
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
+    # The stem and the first stage: the full-resolution layers that hold most of a window's
+    # activations (24 channels at stride 2, 58 at stride 4). Their receptive field is 63 px
+    # (conv 3 + max-pool 2*2 + stride-4 depthwise 2*4 + three stride-8 depthwise 3*2*8).
+    early_stride = 8
+    early_halo = 64  # px of input context above and below a strip: more than the receptive field's half
+
+    def early(self, x):
+        return self.stages[0](self.stem(x))
+
+    def forward(self, x, first=None):
+        """Stride 8/16/32 maps; ``first`` is the output of :meth:`early` when already computed."""
+        x = self.early(x) if first is None else first
+        outs = [x]
+        for stage in self.stages[1:]:
             x = stage(x)
             outs.append(x)
         return outs
@@ -246,6 +256,39 @@ class PointDetector(nn.Module):
     def neck_features(self, x: torch.Tensor) -> torch.Tensor:
         """The fused stride-8 features the head sees, (B, C, H/8, W/8). Used by the ``lite`` encoder."""
         return self.head.fuse(self.neck(self.backbone(x)))
+
+    def neck_features_rgb(self, rgb_uint8: torch.Tensor, strip_pixels: int = 1 << 21) -> torch.Tensor:
+        """``neck_features(normalize(rgb_uint8))``, bit for bit, with a fraction of its peak memory.
+
+        On a 2048 x 2048 window the normalised input and the backbone's full-resolution layers
+        are most of the activations (240 MB live at once); a ShuffleNetV2 backbone runs them in
+        horizontal strips of about ``strip_pixels`` input pixels, each with ``early_halo`` px of
+        context above and below (more than their receptive field reaches, so every kept row
+        equals the whole-window row), and only the stride-8 result is ever whole: 181 MB.
+        Smaller strips save no more (the later layers then hold the peak) and cost time: the halo
+        is computed twice, and narrow convolutions run slower (2 M pixels: +6%; 0.5 M: +30%).
+        Other backbones take the plain path.
+        """
+        early = getattr(self.backbone, "early", None)
+        b, h, w, _ = rgb_uint8.shape
+        stride = getattr(self.backbone, "early_stride", 1)
+        oh = h // stride
+        strip_rows = max(1, strip_pixels // max(w, 1) // stride)
+        if early is None or h % stride or w % stride or strip_rows >= oh:  # one strip: the plain pass
+            return self.neck_features(self.normalize(rgb_uint8))
+        halo = self.backbone.early_halo
+        first = None
+        for r0 in range(0, oh, strip_rows):
+            r1 = min(oh, r0 + strip_rows)
+            a, z = max(0, r0 * stride - halo), min(h, r1 * stride + halo)  # multiples of the stride: same grid
+            part = early(self.normalize(rgb_uint8[:, a:z]))
+            if first is None:  # the layout the whole-window pass would give (channels-last here)
+                fmt = torch.channels_last if part.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                first = torch.empty((b, part.shape[1], oh, part.shape[3]), dtype=part.dtype, device=part.device, memory_format=fmt)
+            k = r0 - a // stride
+            first[:, :, r0:r1] = part[:, :, k : k + r1 - r0]
+            del part
+        return self.head.fuse(self.neck(self.backbone(None, first=first)))
 
     def forward(self, x: torch.Tensor):
         logits, offset = self.head(self.neck(self.backbone(x)))

@@ -44,21 +44,40 @@ def _hed_matrix():
     return _HED_FROM_RGB
 
 
-def stain_channels(rgb_uint8: np.ndarray) -> list[np.ndarray]:
-    """H, E, residual (as ``rgb2hed``) and brightness, float32 (H, W) each."""
+def iter_stain_channels(rgb_uint8: np.ndarray):
+    """H, E, residual (as ``rgb2hed``) and brightness, float32 (H, W) each, one at a time.
+
+    A generator so that a 2048 x 2048 window holds one channel (16 MB) besides the three
+    optical densities, not all four: the filter bank is one of a slide window's two memory peaks.
+    """
     m = _hed_matrix() * 10.0  # scale H/E/D to roughly unit range
     # optical density as rgb2hed computes it (log(rgb) / log(1e-6)), through a 256-entry table
     lut = (np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0) / np.log(1e-6)).astype(np.float32)
     od = [lut[rgb_uint8[..., i]] for i in range(3)]
-    out = []
     for j in range(3):
         ch = od[0] * m[0, j]
-        ch += od[1] * m[1, j]
-        ch += od[2] * m[2, j]
+        tmp = np.multiply(od[1], m[1, j])
+        ch += tmp
+        np.multiply(od[2], m[2, j], out=tmp)
+        ch += tmp
+        del tmp
         np.maximum(ch, 0, out=ch)
-        out.append(ch)
-    bright = (od[0] + od[1] + od[2]) * (1.0 / 3.0)  # mean optical density (dark = high)
-    return out + [bright]
+        yield ch
+        del ch
+    # mean optical density (dark = high), summed into the first density's buffer: the same
+    # float32 operations as (od0 + od1 + od2) * (1 / 3)
+    bright = od[0]
+    bright += od[1]
+    del od[:2]
+    bright += od[0]
+    del od
+    bright *= 1.0 / 3.0
+    yield bright
+
+
+def stain_channels(rgb_uint8: np.ndarray) -> list[np.ndarray]:
+    """H, E, residual (as ``rgb2hed``) and brightness, float32 (H, W) each."""
+    return list(iter_stain_channels(rgb_uint8))
 
 
 def _smooth(ch: np.ndarray, sigma: float):
@@ -91,7 +110,7 @@ def filter_features(crop: np.ndarray, xy: np.ndarray) -> np.ndarray:
     ang = np.arange(N_ANGLES) * (2 * np.pi / N_ANGLES)
     ca, sa = np.cos(ang), np.sin(ang)
     cols = []
-    for ch in stain_channels(crop):
+    for ch in iter_stain_channels(crop):  # one channel at a time: less memory
         for s in SIGMAS:
             g, d = _smooth(ch, s)
             h = s  # finite-difference step: derivatives at the filter's own scale
@@ -166,8 +185,12 @@ class LiteEncoder(Encoder):
         import torch
 
         with torch.inference_mode():
-            x = self.detector.normalize(torch.from_numpy(crop)[None].to(self.device))
-            neck = self.detector.neck_features(x)[0].float().cpu().numpy()
+            rgb = torch.from_numpy(crop)[None].to(self.device)
+            if hasattr(self.detector, "neck_features_rgb"):  # the same values in strips, with less memory
+                neck = self.detector.neck_features_rgb(rgb)
+            else:
+                neck = self.detector.neck_features(self.detector.normalize(rgb))
+            neck = neck[0].float().cpu().numpy()
         stride = crop.shape[0] // neck.shape[1]  # 8
         nf = bilinear_sample(neck, cell_coordinate(local_xy[:, 0], stride), cell_coordinate(local_xy[:, 1], stride))
         return np.concatenate([feats, nf], axis=1)

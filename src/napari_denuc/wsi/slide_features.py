@@ -16,6 +16,9 @@ hash of its pixels, which would mean reading the whole slide).
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
 
 from ..encoders.query import FeatureCache, ProgressFn, query_windows
@@ -26,25 +29,60 @@ from .slides import SlideSource, open_slide, resolve_mpp
 MPP_TOLERANCE = 1e-3  # relative: a level within 0.1% of the encoder's mpp is read as is
 
 
+def _libc():
+    """glibc's ``malloc_trim``/``mallopt`` holder, or None (another libc, or not Linux)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MAP_LARGE_BLOCKS = 1 << 20  # while reading a slide: every block of 1 MB or more is its own mapping
+
+
 def _trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     A window's features allocate a few hundred MB in many threads' malloc arenas; without a trim
     glibc keeps most of it, and the process's footprint ratchets up window after window.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    lib = _libc()
+    if lib:
+        lib.malloc_trim(0)
 
 
-_malloc_trim = None
+@contextmanager
+def _large_blocks_mapped():
+    """Serve blocks >= 1 MB by mmap while slide windows are encoded; glibc's usual setting after.
+
+    glibc's default raises its mmap threshold to the largest block freed (up to 32 MB), so the
+    encoder's 8-30 MB activations come from the heap; their frees leave holes that later, larger
+    ones cannot reuse, and on a 2048 x 2048 ``lite`` window the peak RSS grew by 370-550 MB for
+    180-240 MB of live arrays, varying run to run. Mapped, a freed block goes straight back to
+    the OS and the peak is the live arrays (measured in docs/benchmarks.md, "Slide training
+    memory"). The price is page faults on fresh mappings (about +1 s of system time per window).
+    glibc cannot return to its dynamic threshold, so the exit sets the values it reaches in a
+    process that frees large arrays (32 MB, and twice that for trimming the heap's top). A
+    process that set its own threshold (``MALLOC_MMAP_THRESHOLD_``) is left alone.
+    """
+    lib = _libc()
+    if not lib or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        yield
+        return
+    lib.mallopt(M_MMAP_THRESHOLD, MAP_LARGE_BLOCKS)
+    try:
+        yield
+    finally:
+        lib.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        lib.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def pick_level(source: SlideSource, mpp0: float, target_mpp: float) -> int:
@@ -156,7 +194,8 @@ def slide_features(encoder, source, xy, mpp: float | None = None, progress: Prog
         if cache and getattr(encoder, "cache_dir", None) and hasattr(encoder, "encode_windows"):
             key = f"slide-{file_fingerprint(src.path, digest_size=16)}-L{windows.level}"
             store = FeatureCache(encoder.cache_dir, encoder.id, key, mpp0)
-        feats = query_windows(encoder, windows.shape, windows.to_virtual(xy), windows.crop, store, progress)
+        with _large_blocks_mapped():
+            feats = query_windows(encoder, windows.shape, windows.to_virtual(xy), windows.crop, store, progress)
         _trim_heap()
         if stats is not None:
             stats.update(level=windows.level, level_mpp=windows.level_mpp, pixels_read=windows.pixels_read)
