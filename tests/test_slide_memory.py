@@ -165,3 +165,19 @@ def test_large_blocks_mapped_only_while_reading_and_restored(monkeypatch, tmp_pa
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     sf.slide_features(enc, tmp_path / "s.tif", np.array([[10.0, 10.0]]), cache=False)
     assert [c for c in fake.calls if c[0] != "trim"] == []
+
+
+@pytest.mark.parametrize("data, preload, expected", [("slides=L.csv", "", "1"), ("brca_m2c=/data", "", "None"),
+                                                     ("slides=L.csv", "import torch", "None")])
+def test_cli_asks_for_huge_pages_only_for_slides_before_torch_loads(data, preload, expected):
+    """torch reads THP_MEM_ALLOC_ENABLE at its first allocation: set only for slides=, only if torch is not loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"{preload}\nimport os\nfrom napari_denuc.cli.train import build_parser, _huge_pages_for_slides\n"
+            f"_huge_pages_for_slides(build_parser().parse_args(['head', '--data', {data!r}, '--out', 'h.safetensors']))\n"
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert r.stdout.split()[-1] == expected

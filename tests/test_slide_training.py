@@ -351,7 +351,13 @@ print("RC", rc, "GROWTH_MB", status("VmHWM") - base)
 
 
 def test_cli_on_big_slide_bounded_memory(big_slide, tmp_path):
-    """denuc-train head --data slides=LIST.csv on the 8192 x 8192 slide: peak RSS growth < 500 MB."""
+    """denuc-train head --data slides=LIST.csv on the 8192 x 8192 slide: peak RSS growth < 350 MB.
+
+    Measured 222 MB in 3 of 3 runs (docs/benchmarks.md, "Slide training memory"): one 2048 x 2048
+    ``lite`` window's live arrays (~190 MB) plus the head's fit. It was 385-550 MB, varying run
+    to run, before large blocks were mapped while windows are encoded (glibc's heap holes) and
+    before the detector's full-resolution layers ran in strips; the bound was 500 MB then.
+    """
     from napari_denuc.head import LinearHead
 
     path, nuclei = big_slide
@@ -367,7 +373,7 @@ def test_cli_on_big_slide_bounded_memory(big_slide, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(s for s in r.stdout.splitlines() if s.startswith("RC"))
     rc, growth = int(line.split()[1]), float(line.split()[3])
-    assert rc == 0 and growth < 500, line
+    assert rc == 0 and growth < 350, line
     head = LinearHead.load(out)
     assert head.class_names == ("tumour", "stromal")
     assert "big.tif: 2000 nuclei" in r.stderr
