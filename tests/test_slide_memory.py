@@ -160,6 +160,14 @@ def test_large_blocks_mapped_only_while_reading_and_restored(monkeypatch, tmp_pa
         sf.slide_features(Broken(stride=8, window=64, overlap=32, mpp=0.5), tmp_path / "s.tif", np.array([[10.0, 10.0]]), cache=False)
     assert [c for c in fake.calls if c[0] != "trim"][-1] == (sf.M_TRIM_THRESHOLD, 64 << 20)
 
+    # nested: set once, restored by the outer one only
+    fake.calls.clear()
+    with sf._large_blocks_mapped():
+        with sf._large_blocks_mapped():
+            pass
+        assert fake.calls == [(sf.M_MMAP_THRESHOLD, 1 << 20)]
+    assert fake.calls[1:] == [(sf.M_MMAP_THRESHOLD, 32 << 20), (sf.M_TRIM_THRESHOLD, 64 << 20)]
+
     # a process that chose its own threshold keeps it
     fake.calls.clear()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")

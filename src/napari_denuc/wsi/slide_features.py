@@ -17,6 +17,7 @@ hash of its pixels, which would mean reading the whole slide).
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -65,24 +66,37 @@ def _large_blocks_mapped():
 
     glibc's default raises its mmap threshold to the largest block freed (up to 32 MB), so the
     encoder's 8-30 MB activations come from the heap; their frees leave holes that later, larger
-    ones cannot reuse, and on a 2048 x 2048 ``lite`` window the peak RSS grew by 370-550 MB for
-    180-240 MB of live arrays, varying run to run. Mapped, a freed block goes straight back to
-    the OS and the peak is the live arrays (measured in docs/benchmarks.md, "Slide training
-    memory"). The price is page faults on fresh mappings (about +1 s of system time per window).
+    ones cannot reuse (``mallinfo2``: 160 MB free inside the heap at the detector's peak), and on
+    a 2048 x 2048 ``lite`` window the peak RSS grew by 370-550 MB for 180-240 MB of live arrays,
+    varying run to run. Mapped, a freed block goes straight back to the OS and the peak is the
+    live arrays (docs/benchmarks.md, "Slide training memory"). The price is a page fault per
+    fresh page: about +0.9 s of system time per window with 4 KB pages, little with the huge
+    pages ``denuc-train`` asks torch for.
     glibc cannot return to its dynamic threshold, so the exit sets the values it reaches in a
     process that frees large arrays (32 MB, and twice that for trimming the heap's top). A
     process that set its own threshold (``MALLOC_MMAP_THRESHOLD_``) is left alone.
     """
+    global _MAPPING
     lib = _libc()
     if not lib or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         yield
         return
-    lib.mallopt(M_MMAP_THRESHOLD, MAP_LARGE_BLOCKS)
+    with _MAPPING_LOCK:  # nested or concurrent reads (napari threads): the last one out restores
+        if _MAPPING == 0:
+            lib.mallopt(M_MMAP_THRESHOLD, MAP_LARGE_BLOCKS)
+        _MAPPING += 1
     try:
         yield
     finally:
-        lib.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        lib.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        with _MAPPING_LOCK:
+            _MAPPING -= 1
+            if _MAPPING == 0:
+                lib.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                lib.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+_MAPPING = 0
+_MAPPING_LOCK = threading.Lock()
 
 
 def pick_level(source: SlideSource, mpp0: float, target_mpp: float) -> int:
