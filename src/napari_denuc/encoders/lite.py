@@ -66,11 +66,12 @@ def iter_stain_channels(rgb_uint8: np.ndarray):
         del ch
     # mean optical density (dark = high), summed into the first density's buffer: the same
     # float32 operations as (od0 + od1 + od2) * (1 / 3)
-    bright = od[0]
-    bright += od[1]
-    del od[:2]
-    bright += od[0]
+    bright, od1, od2 = od
     del od
+    bright += od1
+    del od1
+    bright += od2
+    del od2
     bright *= 1.0 / 3.0
     yield bright
 
