@@ -9,7 +9,7 @@ in the figure saw the held-out site except the ``lite`` encoder's detector neck 
     # 1. candidates (score >= 0.1) of each fold's detector on its held-out tiles, and the encoder
     #    features there (resumable: one file per tile)
     python training/loso_end_to_end.py features --config eff0@0.5 --config lite [--folds runs/loso_long/shipped]
-    # 2. f_avg and detection F1 across thresholds; detection F1 with a threshold per tile (oracle, rules)
+    # 2. f_avg and detection F1 across thresholds; a threshold per tile (oracle, rules); tau fitted to corrected tiles
     python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--json OUT]
 """
 
@@ -74,18 +74,6 @@ def load_fold_features(config: str, samples):
     return {s.name: np.load(OUT / config / f"{Path(s.name).stem}.npz")["det"].astype(np.float32) for s in samples}
 
 
-def _counts(s, xy, sc, tau):
-    from napari_denuc.metrics import match_points
-
-    keep = sc > tau
-    pi, gi = match_points(xy[keep], s.points, RADIUS_UM / s.mpp, sc[keep])
-    return np.array([len(pi), keep.sum() - len(pi), len(s.points) - len(gi)], float)
-
-
-def _f1(c) -> float:
-    return float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))
-
-
 def count_rule(scores) -> float:
     """The threshold that keeps as many points as the candidates' scores add up to (if the scores
     were calibrated probabilities, the expected number of nuclei)."""
@@ -94,23 +82,57 @@ def count_rule(scores) -> float:
 
 
 def per_tile_thresholds(tiles, cands) -> dict:
-    """Pooled detection F1 with a threshold chosen per tile: the best of TAUS (an oracle: the
-    ceiling of any per-image rule) and two rules from the tile's own scores, clipped to 0.2-0.7."""
+    """Pooled detection F1 with a threshold chosen per tile: the best of tau_fit.TAUS (an oracle:
+    the ceiling of any per-image rule) and two rules from the tile's own scores, clipped to 0.2-0.7."""
     from skimage.filters import threshold_otsu
 
-    rules = {"oracle": None, "count": count_rule, "otsu": threshold_otsu}
-    total = {k: np.zeros(3) for k in rules}
+    from napari_denuc.detection.tau_fit import f1, threshold_counts
+
+    total = {k: np.zeros(3) for k in ("oracle", "count", "otsu")}
     for s in tiles:
         xy, sc = cands[s.name]
-        counts = [_counts(s, xy, sc, t) for t in TAUS]
-        total["oracle"] += counts[int(np.argmax([_f1(c) for c in counts]))]
-        for k in ("count", "otsu"):
-            total[k] += _counts(s, xy, sc, float(np.clip(rules[k](sc), 0.2, 0.7)))
-    return {k: round(_f1(v), 4) for k, v in total.items()}
+        r = RADIUS_UM / s.mpp
+        counts = threshold_counts(xy, sc, s.points, r)
+        total["oracle"] += counts[int(np.argmax(f1(counts)))]
+        for k, rule in (("count", count_rule), ("otsu", threshold_otsu)):
+            total[k] += threshold_counts(xy, sc, s.points, r, taus=(float(np.clip(rule(sc), 0.2, 0.7)),))[0]
+    return {k: round(float(f1(v)[0]), 4) for k, v in total.items()}
+
+
+def fitted_tau(tiles, cands, kept, names, n_user: int, draws: int = 20, shipped: float = 0.55) -> dict:
+    """The widget's "Fit τ to view" on a new site: ``n_user`` tiles of the site fully corrected (their
+    ground truth), tau fitted to them (``tau_fit.best_tau``, starting from the shipped tau), scored
+    on the site's other tiles against the shipped tau. ``kept[(tile, tau)]`` = (xy, scores, classes)."""
+    from napari_denuc.detection.tau_fit import best_tau, threshold_counts
+    from napari_denuc.metrics import PointScorer
+
+    def on(rest, tau):
+        sc = PointScorer(names)
+        for s in rest:
+            xy, scores, pred = kept[(s.name, tau)]
+            sc.add(xy, s.points, RADIUS_UM / s.mpp, scores, pred, s.labels)
+        r = sc.result()
+        return r["detection"]["f1"], r["f_avg"]
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(draws):
+        pick = set(rng.choice(len(tiles), n_user, replace=False).tolist())
+        user = [s for i, s in enumerate(tiles) if i in pick]
+        rest = [s for i, s in enumerate(tiles) if i not in pick]
+        counts = sum(threshold_counts(*cands[s.name], s.points, RADIUS_UM / s.mpp) for s in user)
+        tau = best_tau(counts, current=shipped)
+        (d0, e0), (d1, e1) = on(rest, shipped), on(rest, tau)
+        out.append((tau, d1 - d0, e1 - e0))
+    a = np.array(out)
+    return {"n_user_tiles": n_user, "draws": draws, "median_tau": float(np.median(a[:, 0])),
+            "mean_d_detection_f1": round(float(a[:, 1].mean()), 4), "worst_d_detection_f1": round(float(a[:, 1].min()), 4),
+            "mean_d_f_avg": round(float(a[:, 2].mean()), 4), "worst_d_f_avg": round(float(a[:, 2].min()), 4)}
 
 
 def score(config: str, root, folds: Path, context_um: float, json_out):
     from napari_denuc.context import with_context
+    from napari_denuc.detection.tau_fit import TAUS as FIT_TAUS
     from napari_denuc.metrics import PointScorer
 
     train, val = load_samples(root)
@@ -119,27 +141,32 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
     cands = fold_candidates(samples, folds)
     det_feats = load_fold_features(config, samples)
     gt_feats = load_features(config, samples)
-    rows, per_tile = {}, {}
+    rows, per_tile, fitted = {}, {}, {}
     for site in sorted({site_of(s.name) for s in samples}):
         fit_on = [s for s in samples if site_of(s.name) != site]
         held = [s for s in samples if site_of(s.name) == site]
         feats = {s.name: {"gt": with_context(gt_feats[s.name]["gt"], s.points, s.mpp, context_um)} for s in fit_on}
         head = fit_head(*training_set(fit_on, feats, False), names, "balanced", 0.3)
-        for tau in TAUS:
-            e2e, det = PointScorer(names), PointScorer(None)
+        kept = {}
+        for tau in sorted(set(TAUS) | set(FIT_TAUS)):
             for s in held:
                 xy, sc = cands[s.name]
                 keep = sc > tau
                 # the neighbours are the nuclei kept at this threshold, as in the widget
                 x = with_context(det_feats[s.name][keep], xy[keep], s.mpp, context_um)
-                pred = head.predict(x) if keep.any() else np.zeros(0, int)
-                e2e.add(xy[keep], s.points, RADIUS_UM / s.mpp, sc[keep], pred, s.labels)
-                det.add(xy[keep], s.points, RADIUS_UM / s.mpp, sc[keep])
+                kept[(s.name, tau)] = xy[keep], sc[keep], (head.predict(x) if keep.any() else np.zeros(0, int))
+        for tau in TAUS:
+            e2e = PointScorer(names)
+            for s in held:
+                xy, sc, pred = kept[(s.name, tau)]
+                e2e.add(xy, s.points, RADIUS_UM / s.mpp, sc, pred, s.labels)
             r = e2e.result()
-            rows.setdefault(tau, {})[site] = {"f_avg": round(r["f_avg"], 4), "detection_f1": round(det.result()["detection"]["f1"], 4),
+            rows.setdefault(tau, {})[site] = {"f_avg": round(r["f_avg"], 4), "detection_f1": round(r["detection"]["f1"], 4),
                                              "class_f1": {k: round(v["f1"], 4) for k, v in r["classes"].items()}}
         print(site, "  ".join(f"tau {t}: {rows[t][site]['f_avg']:.3f}/{rows[t][site]['detection_f1']:.3f}" for t in TAUS), flush=True)
         per_tile[site] = per_tile_thresholds(held, cands)
+        fitted[site] = [fitted_tau(held, cands, kept, names, n) for n in (1, 2)]
+        print(site, "tau fitted to the user's tiles:", fitted[site], flush=True)
     table = [{"tau": t, "sites": v, "mean_f_avg": round(float(np.mean([x["f_avg"] for x in v.values()])), 4),
               "mean_detection_f1": round(float(np.mean([x["detection_f1"] for x in v.values()])), 4)} for t, v in rows.items()]
     for r in table:
@@ -148,10 +175,15 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
     for k in ("oracle", "count", "otsu"):
         print(f"threshold per tile, {k}: LOSO detection F1 {np.mean([v[k] for v in per_tile.values()]):.4f} ",
               {site: v[k] for site, v in per_tile.items()})
+    for i, n in enumerate((1, 2)):
+        v = [fitted[site][i] for site in fitted]
+        print(f"tau fitted to {n} corrected tile(s) of the site, change on its other tiles: detection F1 "
+              f"{np.mean([x['mean_d_detection_f1'] for x in v]):+.4f}, f_avg {np.mean([x['mean_d_f_avg'] for x in v]):+.4f}")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"config": config, "context_um": context_um, "folds": str(folds), "rows": table,
-                                               "per_tile_threshold_detection_f1": per_tile}, indent=1) + "\n")
+                                              "per_tile_threshold_detection_f1": per_tile, "tau_fitted_to_user_tiles": fitted},
+                                             indent=1) + "\n")
 
 
 def main():
