@@ -546,6 +546,18 @@ def test_fit_tau_to_corrected_view(make_napari_viewer, qtbot, env, gt, sample_im
     assert w._history(lyr).undo_stack[-1].label == "threshold"
     w.undo()
     assert w.tau_spin.value() == pytest.approx(0.5) and len(lyr.data) == n_before
+    w.redo()
+
+    # the fitted tau is saved with the corrections and comes back with them in a new viewer
+    wait_saved(qtbot, w)
+    assert saved_state(env["home"])["tau"] == pytest.approx(0.30)
+    n_fit = len(lyr.data)
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open_sample(*SAMPLE)
+    w2 = open_widget(viewer2, qtbot)
+    assert len(w2.points_layer().data) == n_fit and w2.tau_spin.value() == pytest.approx(0.30)
+    assert w2.nms_spin.value() == pytest.approx(w2.pipeline.nms_um)  # only tau was restored
 
 
 # ------------------------------------------------------------------------- regions, levels, formats

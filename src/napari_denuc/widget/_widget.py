@@ -160,6 +160,7 @@ class DenucWidget(QWidget):
         self._review: dict = {"nid": None, "trail": []}
         self._hidden: set[str] = set()
         self._params_from_user = False
+        self._tau_restored = False  # a tau saved with restored corrections (e.g. fitted to the site) is the one to use
         self._setting_params = False
         self._napari_progress = None
         self._t_press = None
@@ -443,9 +444,10 @@ class DenucWidget(QWidget):
         if not self._params_from_user:
             self._setting_params = True
             try:
-                self.tau_spin.blockSignals(True)
-                self.tau_spin.setValue(float(pipe.tau))
-                self.tau_spin.blockSignals(False)
+                if not self._tau_restored:
+                    self.tau_spin.blockSignals(True)
+                    self.tau_spin.setValue(float(pipe.tau))
+                    self.tau_spin.blockSignals(False)
                 self.nms_spin.setValue(float(pipe.nms_um))
             finally:
                 self._setting_params = False
@@ -1269,7 +1271,7 @@ class DenucWidget(QWidget):
             show_error(str(exc))
             return
         mpp = float(self.mpp_spin.value())
-        tau_user = float(self.tau_spin.value()) if self._params_from_user else None
+        tau_user = float(self.tau_spin.value()) if self._params_from_user or self._tau_restored else None
         nms = float(self.nms_spin.value()) if self._params_from_user else None
         data = image_layer.data
         multiscale = bool(getattr(image_layer, "multiscale", False))
@@ -1809,7 +1811,7 @@ class DenucWidget(QWidget):
             L.class_names(lyr),
             L.class_colors(lyr),
             info["key"],
-            extra={"image": info["image"], "head": self.head_path,
+            extra={"image": info["image"], "head": self.head_path, "tau": self._tau_shown.get(token),
                    "tombstones": list(lyr.metadata["denuc"].get("tombstones") or [])},
         )
         try:
@@ -1833,6 +1835,13 @@ class DenucWidget(QWidget):
         head = state.get("head")
         if head and Path(head).is_file():
             self.set_head(head)
+        tau = state.get("tau")
+        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to this site: the next detection uses it too
+            self._tau_shown[L.token_of(lyr)] = float(tau)
+            self._tau_restored = True
+            self.tau_spin.blockSignals(True)
+            self.tau_spin.setValue(float(tau))
+            self.tau_spin.blockSignals(False)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
         self._set_status(f"Restored {len(det)} nuclei ({n_edit} edited) from {path}.")
