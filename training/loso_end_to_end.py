@@ -25,6 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from loso_heads import RADIUS_UM, RUNS, build_encoder, fit_head, load_features, load_samples, site_of, training_set  # noqa: E402
 
+from napari_denuc.retrain import prior_sample  # noqa: E402
+
 OUT = RUNS / "fold_detections"
 TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
@@ -99,35 +101,48 @@ def per_tile_thresholds(tiles, cands) -> dict:
     return {k: round(float(f1(v)[0]), 4) for k, v in total.items()}
 
 
-def fitted_tau(tiles, cands, kept, names, n_user: int, draws: int = 20, shipped: float = 0.55) -> dict:
-    """The widget's "Fit τ to view" on a new site: ``n_user`` tiles of the site fully corrected (their
-    ground truth), tau fitted to them (``tau_fit.best_tau``, starting from the shipped tau), scored
-    on the site's other tiles against the shipped tau. ``kept[(tile, tau)]`` = (xy, scores, classes)."""
+def fitted_tau(tiles, cands, kept, head, user_inputs, names, n_user: int, draws: int = 20, shipped: float = 0.55,
+               k_corrections: int = 300) -> dict:
+    """A new site corrected in the widget: ``n_user`` tiles of the site fully corrected (their ground
+    truth). Scored on the site's other tiles against the starting point (shipped tau, LOSO head):
+    tau fitted to the corrected tiles ("Fit τ to view": ``tau_fit.best_tau`` from the shipped tau);
+    the head updated from ``k_corrections`` of their nuclei (``retrain.retrain_head``, as the widget's
+    Retrain); and both. ``kept[(tile, tau)]`` = (xy, scores, classes, head inputs);
+    ``user_inputs[tile]`` = head inputs at the tile's ground-truth nuclei."""
     from napari_denuc.detection.tau_fit import best_tau, threshold_counts
     from napari_denuc.metrics import PointScorer
+    from napari_denuc.retrain import retrain_head
 
-    def on(rest, tau):
+    def on(rest, tau, new_head=None):
         sc = PointScorer(names)
         for s in rest:
-            xy, scores, pred = kept[(s.name, tau)]
+            xy, scores, pred, x = kept[(s.name, tau)]
+            if new_head is not None and len(x):
+                pred = new_head.predict(x.astype(np.float32))
             sc.add(xy, s.points, RADIUS_UM / s.mpp, scores, pred, s.labels)
         r = sc.result()
-        return r["detection"]["f1"], r["f_avg"]
+        return np.array([r["detection"]["f1"], r["f_avg"]])
 
     rng = np.random.default_rng(0)
-    out = []
+    rows = []
     for _ in range(draws):
         pick = set(rng.choice(len(tiles), n_user, replace=False).tolist())
         user = [s for i, s in enumerate(tiles) if i in pick]
         rest = [s for i, s in enumerate(tiles) if i not in pick]
         counts = sum(threshold_counts(*cands[s.name], s.points, RADIUS_UM / s.mpp) for s in user)
         tau = best_tau(counts, current=shipped)
-        (d0, e0), (d1, e1) = on(rest, shipped), on(rest, tau)
-        out.append((tau, d1 - d0, e1 - e0))
-    a = np.array(out)
-    return {"n_user_tiles": n_user, "draws": draws, "median_tau": float(np.median(a[:, 0])),
-            "mean_d_detection_f1": round(float(a[:, 1].mean()), 4), "worst_d_detection_f1": round(float(a[:, 1].min()), 4),
-            "mean_d_f_avg": round(float(a[:, 2].mean()), 4), "worst_d_f_avg": round(float(a[:, 2].min()), 4)}
+        x = np.concatenate([user_inputs[s.name] for s in user])
+        y = np.concatenate([s.labels for s in user])
+        sel = rng.permutation(len(y))[:k_corrections]
+        new_head = retrain_head(head, x[sel], y[sel], names, None, None, cv=False).head
+        start = on(rest, shipped)
+        rows.append([tau, *(on(rest, tau) - start), *(on(rest, shipped, new_head) - start), *(on(rest, tau, new_head) - start)])
+    a = np.array(rows)  # tau, then (detection F1, f_avg) changes: tau fitted, head updated, both
+    out = {"n_user_tiles": n_user, "draws": draws, "k_corrections": k_corrections, "median_tau": float(np.median(a[:, 0]))}
+    for i, what in enumerate(("tau", "head", "both")):
+        out[what] = {"mean_d_detection_f1": round(float(a[:, 1 + 2 * i].mean()), 4), "mean_d_f_avg": round(float(a[:, 2 + 2 * i].mean()), 4),
+                     "worst_d_f_avg": round(float(a[:, 2 + 2 * i].min()), 4)}
+    return out
 
 
 def score(config: str, root, folds: Path, context_um: float, json_out):
@@ -146,7 +161,10 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
         fit_on = [s for s in samples if site_of(s.name) != site]
         held = [s for s in samples if site_of(s.name) == site]
         feats = {s.name: {"gt": with_context(gt_feats[s.name]["gt"], s.points, s.mpp, context_um)} for s in fit_on}
-        head = fit_head(*training_set(fit_on, feats, False), names, "balanced", 0.3)
+        x, y = training_set(fit_on, feats, False)
+        head = fit_head(x, y, names, "balanced", 0.3)
+        head.prior = prior_sample(x, y, names)  # as the shipped heads carry one, for the widget's update
+        user_inputs = {s.name: with_context(gt_feats[s.name]["gt"], s.points, s.mpp, context_um) for s in held}
         kept = {}
         for tau in sorted(set(TAUS) | set(FIT_TAUS)):
             for s in held:
@@ -154,19 +172,19 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
                 keep = sc > tau
                 # the neighbours are the nuclei kept at this threshold, as in the widget
                 x = with_context(det_feats[s.name][keep], xy[keep], s.mpp, context_um)
-                kept[(s.name, tau)] = xy[keep], sc[keep], (head.predict(x) if keep.any() else np.zeros(0, int))
+                kept[(s.name, tau)] = xy[keep], sc[keep], (head.predict(x) if keep.any() else np.zeros(0, int)), x.astype(np.float16)
         for tau in TAUS:
             e2e = PointScorer(names)
             for s in held:
-                xy, sc, pred = kept[(s.name, tau)]
+                xy, sc, pred, _ = kept[(s.name, tau)]
                 e2e.add(xy, s.points, RADIUS_UM / s.mpp, sc, pred, s.labels)
             r = e2e.result()
             rows.setdefault(tau, {})[site] = {"f_avg": round(r["f_avg"], 4), "detection_f1": round(r["detection"]["f1"], 4),
                                              "class_f1": {k: round(v["f1"], 4) for k, v in r["classes"].items()}}
         print(site, "  ".join(f"tau {t}: {rows[t][site]['f_avg']:.3f}/{rows[t][site]['detection_f1']:.3f}" for t in TAUS), flush=True)
         per_tile[site] = per_tile_thresholds(held, cands)
-        fitted[site] = [fitted_tau(held, cands, kept, names, n) for n in (1, 2)]
-        print(site, "tau fitted to the user's tiles:", fitted[site], flush=True)
+        fitted[site] = [fitted_tau(held, cands, kept, head, user_inputs, names, n) for n in (1, 2)]
+        print(site, "corrected tiles:", fitted[site], flush=True)
     table = [{"tau": t, "sites": v, "mean_f_avg": round(float(np.mean([x["f_avg"] for x in v.values()])), 4),
               "mean_detection_f1": round(float(np.mean([x["detection_f1"] for x in v.values()])), 4)} for t, v in rows.items()]
     for r in table:
@@ -177,8 +195,9 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
               {site: v[k] for site, v in per_tile.items()})
     for i, n in enumerate((1, 2)):
         v = [fitted[site][i] for site in fitted]
-        print(f"tau fitted to {n} corrected tile(s) of the site, change on its other tiles: detection F1 "
-              f"{np.mean([x['mean_d_detection_f1'] for x in v]):+.4f}, f_avg {np.mean([x['mean_d_f_avg'] for x in v]):+.4f}")
+        print(f"{n} corrected tile(s) of the site, change on its other tiles (detection F1 / f_avg): "
+              + ", ".join(f"{w} {np.mean([x[w]['mean_d_detection_f1'] for x in v]):+.4f} / {np.mean([x[w]['mean_d_f_avg'] for x in v]):+.4f}"
+                          for w in ("tau", "head", "both")))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"config": config, "context_um": context_um, "folds": str(folds), "rows": table,
