@@ -4,7 +4,7 @@ On a site the detector never saw, its scores shift. Take the BRCA-M2C detectors 
 without one site each. The held-out A8 is best at tau 0.20 and loses 0.04 F1 at the shipped
 0.55; AC is best at 0.65. Rules that read tau from an image's own scores did worse than a
 fixed tau. Fitting tau to one fully corrected tile of the site, though, lifts detection F1 on
-the site's *other* tiles (docs/benchmarks.md, "A threshold fitted to the user's corrections").
+the site's *other* tiles (docs/benchmarks.md, "End to end with site-held-out detectors").
 Unlike the class head, this carries from one patient to the rest of a site. No Qt here.
 """
 
