@@ -76,6 +76,25 @@ def test_predict_without_inputs_fails_cleanly(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no inputs" in r.stderr
 
 
+def test_predict_tau(tmp_path):
+    """--tau (e.g. fitted in the widget for a site) reaches the detector and the resume config; out of 0-1 it is refused."""
+    from napari_denuc.wsi.factory import PipelineFactory
+    from napari_denuc.wsi.run import predict_slides
+
+    r = run("predict", "--sample", "--out", tmp_path, "--tau", "1.5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--tau must be between 0 and 1" in r.stderr
+    from napari_denuc._sample_data import SAMPLE_IMAGE, SAMPLE_MPP
+
+    counts = {}
+    for tau in (None, 0.9):
+        factory = PipelineFactory(encoder="lite", tau=tau)
+        assert ("tau" in factory.config()) == (tau is not None)
+        res = predict_slides([(SAMPLE_IMAGE, SAMPLE_MPP)], tmp_path / str(tau), factory, formats=("csv",), progress=False)
+        counts[tau] = sum(res.slides[0].summary["counts"].values())
+    assert factory.pipeline().tau == 0.9
+    assert 0 < counts[0.9] < counts[None]  # the bundled detector's own 0.55 keeps more
+
+
 # denuc-train detector: the options of the leave-one-site-out recipes (issue 10).
 FROZEN = ("backbone.net.conv_stem.", "backbone.net.bn1.", "backbone.net.blocks.0.", "backbone.net.blocks.1.", "backbone.net.blocks.2.")
 

@@ -489,6 +489,77 @@ def test_threshold_rethresholds_cached_candidates(opened, qtbot, sample_image):
     assert np.hypot(*(lyr.data - kept_rc).T).min() < 1e-6  # the reviewed low scorer stays at 0.7 too
 
 
+def test_fit_tau_to_corrected_view(make_napari_viewer, qtbot, env, gt, sample_image):
+    """A detector under-confident at a new site: the user corrects one field of view (adds the
+    nuclei it missed) and presses "Fit to view"; tau drops to where the whole tile's nuclei come back."""
+    from napari_fakes import User
+
+    from napari_denuc.widget import edits as E
+    from napari_denuc.widget.coords import rc_to_xy
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(*SAMPLE)
+    w = open_widget(viewer, qtbot)
+    det = w.pipeline.detector
+    rng = np.random.default_rng(0)
+    n_gt = len(gt[0])
+    det.scores = np.concatenate([rng.uniform(0.3, 1.0, n_gt), rng.uniform(0.1, 0.24, len(det.xy) - n_gt)]).astype(np.float32)
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    assert w.tau_spin.value() == pytest.approx(0.5)
+    image_layer = w.image_layer()
+
+    # a field of view with 30-150 nuclei (zoomed out as far as needed for this canvas size)
+    center = (500.0, 500.0)
+    for zoom in (2.0, 1.0, 0.7, 0.5, 0.35, 0.25):
+        user.look_at(center, zoom)
+        qtbot.wait(100)
+        x0, y0, x1, y1 = box = w._visible_box(image_layer)
+        in_view = (gt[0][:, 0] >= x0) & (gt[0][:, 0] < x1) & (gt[0][:, 1] >= y0) & (gt[0][:, 1] < y1)
+        if in_view.sum() >= 30:
+            break
+    assert 30 <= in_view.sum() <= 150, (in_view.sum(), box)
+    # nothing corrected there yet: no fit
+    qtbot.mouseClick(w.fit_tau_btn, Qt.LeftButton)
+    assert "No corrections in view" in w.status.text() and w.tau_spin.value() == pytest.approx(0.5)
+
+    # add every nucleus the detector missed in view (ground truth scoring 0.3-0.5), with the mouse
+    missed = in_view & (det.scores[:n_gt] <= 0.5)
+    assert missed.sum() >= 5
+    for x, y in gt[0][missed]:
+        user.add_at(lyr, (y, x))
+    user.look_at(center, zoom)
+    assert w._visible_box(image_layer) == pytest.approx(box)
+    n_before = len(lyr.data)
+    n_outside_before = (~E.in_region(rc_to_xy(lyr.data), box)).sum()
+
+    qtbot.mouseClick(w.fit_tau_btn, Qt.LeftButton)
+    assert w.tau_spin.value() == pytest.approx(0.30), w.status.text()
+    assert "0.50 -> 0.30" in w.status.text() and "denuc-predict --tau 0.30" in w.status.text()
+    # the fit carries beyond the view: the layer holds what a detection at 0.3 finds on the whole tile
+    xy_fit, _ = w.pipeline.detect(sample_image, 0.5, tau=0.3)
+    xy_fit = xy_fit[~E.in_region(xy_fit, box)]  # in view, the user's own clicks stand for them
+    d = np.hypot(*(lyr.data[:, None, :] - xy_fit[None, :, ::-1]).transpose(2, 0, 1))
+    assert (d.min(axis=0) < 1e-6).all()
+    outside = ~E.in_region(rc_to_xy(lyr.data), box)
+    assert outside.sum() > n_outside_before + 10
+    assert w._history(lyr).undo_stack[-1].label == "threshold"
+    w.undo()
+    assert w.tau_spin.value() == pytest.approx(0.5) and len(lyr.data) == n_before
+    w.redo()
+
+    # the fitted tau is saved with the corrections and comes back with them in a new viewer
+    wait_saved(qtbot, w)
+    assert saved_state(env["home"])["tau"] == pytest.approx(0.30)
+    n_fit = len(lyr.data)
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open_sample(*SAMPLE)
+    w2 = open_widget(viewer2, qtbot)
+    assert len(w2.points_layer().data) == n_fit and w2.tau_spin.value() == pytest.approx(0.30)
+    assert w2.nms_spin.value() == pytest.approx(w2.pipeline.nms_um)  # only tau was restored
+
+
 # ------------------------------------------------------------------------- regions, levels, formats
 def test_field_of_view_and_shapes_roi(opened, qtbot, gt):
     from napari_fakes import camera

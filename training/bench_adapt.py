@@ -12,7 +12,7 @@ reps; and for comparison the old behaviour (a fresh head on the corrections alon
 change of macro F1 on the *rest of the user's own two tiles* (their uncorrected ground-truth
 nuclei): what the user sees when the widget reclassifies the image they are correcting.
 
-    python training/bench_adapt.py --config eff0@0.25 [--context-um 40] [--weight 20] [--anchor 0.03] [--json OUT]
+    python training/bench_adapt.py --config eff0@0.25 [--context-um 40] [--weight 20] [--anchor 0.03] [--refit 1] [--json OUT]
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.03)
     ap.add_argument("--context-um", type=float, default=0.0, help="neighbourhood context radius (0: none)")
     ap.add_argument("--scratch", action="store_true", help="also score a fresh head on the corrections alone")
+    ap.add_argument("--refit", type=float, action="append", default=[], metavar="W",
+                    help="also score a ceiling: a head refitted on the other sites plus *all* nuclei of the user's 2 tiles, each W times")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -70,7 +72,7 @@ def main():
     if a.context_um:  # the user's corrections are nuclei of fully detected tiles: their context is complete
         feats = add_context(feats, samples, dets, a.context_um)
     cw = None if a.class_weight == "none" else a.class_weight
-    rows = []
+    rows, refits = [], []
     for site in sorted({site_of(s.name) for s in samples}):
         fit_on = [s for s in samples if site_of(s.name) != site]
         tiles = sorted((s for s in samples if site_of(s.name) == site), key=lambda s: s.name)
@@ -86,6 +88,10 @@ def main():
             ux = np.concatenate([feats[s.name]["gt"] for s in user])
             uy = np.concatenate([s.labels for s in user])
             gt0, e2e0 = score(start, test, feats, dets, names)
+            for w in a.refit:  # what the 2 tiles could teach at most: every nucleus labelled, a full refit
+                ref = fit_head(np.concatenate([x, np.tile(ux, (int(w), 1))]), np.concatenate([y, np.tile(uy, int(w))]),
+                               names, cw, a.weight_decay)
+                refits.append({"site": site, "rep": rep, "w": w, "nuclei": len(uy), "d_e2e": score(ref, test, feats, dets, names)[1] - e2e0})
             p = np.sort(start.predict_proba(ux), axis=1)
             orders = {"random": rng.permutation(len(uy)), "least-confident": np.argsort(p[:, -1] - p[:, -2], kind="stable")}
             for order, idx in orders.items():
@@ -125,9 +131,13 @@ def main():
             print(f"{k:<6} {order:>15}  {s['mean_d_e2e']:+.4f}       {s['worst_d_e2e']:+.4f}        {s['mean_d_gt']:+.4f}"
                   f"     {s['mean_d_own']:+.4f}"
                   + (f"   scratch {s['scratch_mean_d_e2e']:+.4f}" if sc else ""))
+    for w in a.refit:
+        r = [v["d_e2e"] for v in refits if v["w"] == w]
+        print(f"ceiling: refit with all nuclei of the 2 tiles x{w:g}: mean d_f_avg {np.mean(r):+.4f}, worst {np.min(r):+.4f}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"config": a.config, "context_um": a.context_um, "options": opts, "summary": summary, "rows": rows}, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps({"config": a.config, "context_um": a.context_um, "options": opts, "summary": summary, "rows": rows,
+                                             "refit_ceiling": refits}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

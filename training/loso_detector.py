@@ -44,6 +44,8 @@ RECIPES = {
     # the bundled detector's own recipe (docs/models.md), to compare it fairly under LOSO: 100
     # epochs (about 1,350 steps per fold against the 2,000 it had on 80 tiles), evaluated every 20
     "shipped": {**_SCRATCH, "epochs": 100, "eval_every": 20, "warmup_epochs": 2},
+    # the same with the stain / blur / JPEG / scale augmentation for other hospitals, at full budget
+    "shipped-travel": {**_SCRATCH, "epochs": 100, "eval_every": 20, "warmup_epochs": 2, "augment": {"preset": "travel"}},
     "scratch-x1_0": _SCRATCH,
     "scratch-x1_0-travel": {**_SCRATCH, "augment": {"preset": "travel"}},
     "lite0": _LITE0,

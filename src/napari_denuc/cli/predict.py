@@ -24,6 +24,8 @@ def build_parser():
     p.add_argument("--encoder", help="encoder name (default: uni2-h when its weights are cached, else lite)")
     p.add_argument("--encoder-weights", help="local encoder state dict (no network)")
     p.add_argument("--head", help="linear head (default: the bundled lite head when the encoder is lite)")
+    p.add_argument("--tau", type=float,
+                   help="detection score threshold, 0-1 (default: the detector's own; the widget's 'Fit to view' finds one for a site)")
     p.add_argument("--format", default=None, help="comma-separated outputs among geojson,csv,parquet (default: all available)")
     p.add_argument("--gzip", action="store_true", help="write .geojson.gz")
     p.add_argument(
@@ -89,10 +91,12 @@ def _main(args) -> int:
     if not inputs:
         raise DenucError("no inputs: give image/slide paths, a folder, a glob, a .csv list, or --sample")
     inputs = [(Path(i[0]), i[1]) if isinstance(i, tuple) else i for i in inputs]
+    if args.tau is not None and not 0 < args.tau < 1:
+        raise DenucError(f"--tau must be between 0 and 1 (a detection score), got {args.tau}")
     factory = PipelineFactory(
         detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
         batch_size=args.batch_size, threads=args.threads if args.threads else (1 if args.dask or args.scheduler else None),
-        encoder_weights=args.encoder_weights,
+        encoder_weights=args.encoder_weights, tau=args.tau,
     )
     result = predict_slides(
         inputs, args.out, factory, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,

@@ -105,10 +105,7 @@ class TimmFeatures(nn.Module):
     def __init__(self, name: str, pretrained: bool = False):
         super().__init__()
         self.lite = name in LITE_VARIANTS
-        import timm
-
-        if not timm.is_model(name):
-            raise DenucError(f"unknown detector backbone {name!r}: {BACKBONE_CHOICES}")
+        canonical_backbone("timm:" + name)  # the same one-line error for an unknown name as the CLI gives
         try:
             probe = self._create(name, False, features_only=True)
         except DenucError:

@@ -52,6 +52,7 @@ SCOPES = ("Whole image", "Current field of view", "Inside Shapes ROI")
 AUTOSAVE_DELAY_MS = 500
 MOVE_SETTLE_MS = 250  # a drag emits one data event per mouse move: record the move once it settles
 TAU_FLOOR_BELOW = 0.25  # detect down to tau - 0.25 so the threshold can move without re-running
+MIN_FIT_NUCLEI = 30  # fewer corrected nuclei in view than this say little about the right threshold
 REVIEW_SCREEN_PX_PER_UM = 6.0  # zoom of "Review next": a 7 µm nucleus is about 40 screen pixels
 MAX_DOCK_WIDTH = 340
 MAX_REGION_PIXELS = 8192 * 8192  # beyond this (a whole slide), the widget asks for a region; the CLI tiles slides  # < 27% of a 1280 px screen
@@ -159,6 +160,7 @@ class DenucWidget(QWidget):
         self._review: dict = {"nid": None, "trail": []}
         self._hidden: set[str] = set()
         self._params_from_user = False
+        self._tau_restored = False  # a tau saved with restored corrections (e.g. fitted to the site) is the one to use
         self._setting_params = False
         self._napari_progress = None
         self._t_press = None
@@ -241,6 +243,13 @@ class DenucWidget(QWidget):
         self.tau_count.setWordWrap(True)
         self.tau_count.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         tau_row.addWidget(self.tau_spin)
+        self.fit_tau_btn = QPushButton("Fit to view")
+        self.fit_tau_btn.setToolTip(
+            "Correct every nucleus in view first (add missed ones, delete false ones), then press: τ becomes the "
+            "threshold that best reproduces your corrected nuclei. Use it for the site's other slides too."
+        )
+        self.fit_tau_btn.clicked.connect(self.fit_tau_to_view)
+        tau_row.addWidget(self.fit_tau_btn)
         form.addRow("Threshold τ", tau_row)
         form.addRow(self.tau_count)
         root.addLayout(form)
@@ -435,9 +444,10 @@ class DenucWidget(QWidget):
         if not self._params_from_user:
             self._setting_params = True
             try:
-                self.tau_spin.blockSignals(True)
-                self.tau_spin.setValue(float(pipe.tau))
-                self.tau_spin.blockSignals(False)
+                if not self._tau_restored:
+                    self.tau_spin.blockSignals(True)
+                    self.tau_spin.setValue(float(pipe.tau))
+                    self.tau_spin.blockSignals(False)
                 self.nms_spin.setValue(float(pipe.nms_um))
             finally:
                 self._setting_params = False
@@ -1157,6 +1167,46 @@ class DenucWidget(QWidget):
         self._tau_shown[L.token_of(lyr)] = tau
         self._set_status(f"τ = {tau:.2f}: {len(d)} nuclei.")
 
+    def fit_tau_to_view(self):
+        """Set τ to the threshold whose detections best match the nuclei in view as the user corrected them.
+
+        A detector's scores shift at a site it never saw; a τ fitted to one corrected tile of a site
+        carries to the site's other tiles (``detection.tau_fit``). The nuclei in view are taken as
+        the truth, so the user must have corrected all of them; at least one edit there is required.
+        """
+        from ..detection import tau_fit
+
+        lyr, image_layer = self.points_layer(), self.image_layer()
+        c = self._candidates.get(L.token_of(lyr)) if lyr is not None else None
+        if c is None or image_layer is None:
+            self._set_status("Detect & classify first, correct every nucleus in view, then fit τ.")
+            return
+        self._flush_moves()
+        box = self._visible_box(image_layer)
+        xy = rc_to_xy(lyr.data)
+        truth = E.in_region(xy, box) & E.in_region(xy, c.region, c.poly)
+        cand = E.in_region(c.det.xy, box) & E.in_region(c.det.xy, c.region, c.poly)
+        edited, _ = L.flags(lyr.features, len(xy))
+        tombs = np.asarray(lyr.metadata["denuc"].get("tombstones") or np.zeros((0, 2)), dtype=float).reshape(-1, 2)
+        if not edited[truth].any() and not E.in_region(tombs, box).any():
+            self._set_status("No corrections in view: add the nuclei the model missed and delete its false ones here first.")
+            return
+        if truth.sum() < MIN_FIT_NUCLEI:
+            self._set_status(f"Only {int(truth.sum())} nuclei in view: fit τ on a corrected area with at least {MIN_FIT_NUCLEI}.")
+            return
+        current = round(float(self.tau_spin.value()), 2)
+        taus = tuple(sorted({t for t in tau_fit.TAUS if t >= c.tau_floor - 1e-9} | {current}))
+        counts = tau_fit.threshold_counts(c.det.xy[cand], c.det.scores[cand], xy[truth], tau_fit.MATCH_UM / c.mpp, taus)
+        tau = tau_fit.best_tau(counts, taus, current=current)
+        f1 = tau_fit.f1(counts)
+        fit = f"detection F1 against your {int(truth.sum())} nuclei in view"
+        if tau == current:
+            self._set_status(f"τ {current:.2f} already fits best ({fit} {f1[taus.index(current)]:.3f}).")
+            return
+        self.tau_spin.setValue(tau)  # re-thresholds the cached candidates: one undo step
+        self._set_status(f"τ {current:.2f} -> {tau:.2f}: {fit} {f1[taus.index(current)]:.3f} -> {f1[taus.index(tau)]:.3f}. "
+                         f"For this site's other slides: denuc-predict --tau {tau:.2f}")
+
     # -------------------------------------------------------------- run
     def _region(self, image_layer):
         """(x0, y0, x1, y1) in full-resolution pixels, a polygon in (x, y) or None, per the scope choice."""
@@ -1164,13 +1214,7 @@ class DenucWidget(QWidget):
         if scope == SCOPES[0]:
             return None, None
         if scope == SCOPES[1]:
-            # the image layer's visible corners (public API), in its current data level
-            corners = np.asarray(image_layer.corner_pixels, dtype=float)[:, -2:]
-            if getattr(image_layer, "multiscale", False):
-                factor = np.asarray(image_layer.downsample_factors[image_layer.data_level], dtype=float)[-2:]
-                corners = corners * factor
-            (r0, c0), (r1, c1) = corners
-            return box_rc_to_xy(r0 - 0.5, c0 - 0.5, r1 + 0.5, c1 + 0.5), None
+            return self._visible_box(image_layer), None
         shapes = [lyr for lyr in self.viewer.layers if lyr.__class__.__name__ == "Shapes" and len(lyr.data)]
         if not shapes:
             raise DenucError("no Shapes layer with a shape: draw a rectangle or polygon around the region, then run")
@@ -1182,6 +1226,16 @@ class DenucWidget(QWidget):
         rc = (world - np.asarray(image_layer.translate)[-2:]) / np.asarray(image_layer.scale)[-2:]
         poly_xy = rc_to_xy(rc)
         return box_rc_to_xy(rc[:, 0].min(), rc[:, 1].min(), rc[:, 0].max(), rc[:, 1].max()), poly_xy
+
+    @staticmethod
+    def _visible_box(image_layer):
+        """(x0, y0, x1, y1) in full-resolution pixels: the image layer's visible corners (public API)."""
+        corners = np.asarray(image_layer.corner_pixels, dtype=float)[:, -2:]  # in its current data level
+        if getattr(image_layer, "multiscale", False):
+            factor = np.asarray(image_layer.downsample_factors[image_layer.data_level], dtype=float)[-2:]
+            corners = corners * factor
+        (r0, c0), (r1, c1) = corners
+        return box_rc_to_xy(r0 - 0.5, c0 - 0.5, r1 + 0.5, c1 + 0.5)
 
     @staticmethod
     def _level_for(image_layer, model_mpp: float, mpp: float):
@@ -1217,7 +1271,7 @@ class DenucWidget(QWidget):
             show_error(str(exc))
             return
         mpp = float(self.mpp_spin.value())
-        tau_user = float(self.tau_spin.value()) if self._params_from_user else None
+        tau_user = float(self.tau_spin.value()) if self._params_from_user or self._tau_restored else None
         nms = float(self.nms_spin.value()) if self._params_from_user else None
         data = image_layer.data
         multiscale = bool(getattr(image_layer, "multiscale", False))
@@ -1757,7 +1811,7 @@ class DenucWidget(QWidget):
             L.class_names(lyr),
             L.class_colors(lyr),
             info["key"],
-            extra={"image": info["image"], "head": self.head_path,
+            extra={"image": info["image"], "head": self.head_path, "tau": self._tau_shown.get(token),
                    "tombstones": list(lyr.metadata["denuc"].get("tombstones") or [])},
         )
         try:
@@ -1781,6 +1835,13 @@ class DenucWidget(QWidget):
         head = state.get("head")
         if head and Path(head).is_file():
             self.set_head(head)
+        tau = state.get("tau")
+        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to this site: the next detection uses it too
+            self._tau_shown[L.token_of(lyr)] = float(tau)
+            self._tau_restored = True
+            self.tau_spin.blockSignals(True)
+            self.tau_spin.setValue(float(tau))
+            self.tau_spin.blockSignals(False)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
         self._set_status(f"Restored {len(det)} nuclei ({n_edit} edited) from {path}.")

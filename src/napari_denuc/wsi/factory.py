@@ -38,7 +38,8 @@ class PipelineFactory:
     ``detector``, ``encoder``, ``head``: as for ``Pipeline.from_defaults`` (None = defaults);
     ``device``: "cpu", "cuda", "cuda:1"...; ``batch_size``: detector windows per forward pass;
     ``threads``: torch/OpenMP threads per process (None: torch's default; ``predict_slides``
-    sets 1 for Dask workers); ``target_mpp``: the tiling resolution, by default the detector's mpp.
+    sets 1 for Dask workers); ``target_mpp``: the tiling resolution, by default the detector's mpp;
+    ``tau``: the detection score threshold (None: the detector's own), e.g. one fitted in the widget.
     """
 
     detector: str | None = None
@@ -49,6 +50,7 @@ class PipelineFactory:
     threads: int | None = None
     encoder_weights: str | None = None
     target_mpp: float | None = None
+    tau: float | None = None
 
     def config(self) -> dict:
         # device/batch_size/threads don't change what is detected; model files are identified by content stamp
@@ -59,6 +61,7 @@ class PipelineFactory:
             "head": _file_identity(self.head),
             "encoder_weights": _file_identity(self.encoder_weights),
             "target_mpp": self.target_mpp,
+            **({"tau": self.tau} if self.tau is not None else {}),  # unset: the same config as before the option
         }
 
     def pipeline(self):
@@ -78,6 +81,8 @@ class PipelineFactory:
             )
             if self.batch_size:
                 pipe.detect_options["batch_size"] = int(self.batch_size)
+            if self.tau is not None:
+                pipe.detector.tau = float(self.tau)
             _PIPELINES[key] = pipe
         return pipe
 

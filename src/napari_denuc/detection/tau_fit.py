@@ -1,0 +1,52 @@
+"""The detection threshold that best reproduces nuclei a user has corrected.
+
+On a site the detector never saw, its scores shift. Take the BRCA-M2C detectors trained
+without one site each. The held-out A8 is best at tau 0.20 and loses 0.04 F1 at the shipped
+0.55; AC is best at 0.65. Rules that read tau from an image's own scores did worse than a
+fixed tau. Fitting tau to one fully corrected tile of the site, though, lifts detection F1 on
+the site's *other* tiles (docs/benchmarks.md, "End to end with site-held-out detectors").
+Unlike the class head, this carries from one patient to the rest of a site. No Qt here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The thresholds tried. Above 0.85 a detector keeps too few nuclei to be worth a choice.
+TAUS = tuple(float(t) for t in np.round(np.arange(0.20, 0.851, 0.05), 2))
+MATCH_UM = 3.0  # the benchmark's matching radius
+MIN_GAIN = 0.005  # keep the current tau unless another fits the corrections clearly better
+
+
+def threshold_counts(xy, scores, truth_xy, radius_px: float, taus=TAUS) -> np.ndarray:
+    """(len(taus), 3): TP, FP, FN of the candidates scoring above each tau, matched to ``truth_xy``."""
+    from ..metrics import match_points
+
+    xy, scores = np.asarray(xy, float).reshape(-1, 2), np.asarray(scores, float)
+    truth_xy = np.asarray(truth_xy, float).reshape(-1, 2)
+    out = np.zeros((len(taus), 3))
+    for i, tau in enumerate(taus):
+        keep = scores > tau
+        pi, gi = match_points(xy[keep], truth_xy, radius_px, scores[keep])
+        out[i] = len(pi), keep.sum() - len(pi), len(truth_xy) - len(gi)
+    return out
+
+
+def f1(counts) -> np.ndarray:
+    """F1 per row of TP, FP, FN counts."""
+    c = np.asarray(counts, float).reshape(-1, 3)
+    return 2 * c[:, 0] / np.maximum(2 * c[:, 0] + c[:, 1] + c[:, 2], 1)
+
+
+def best_tau(counts, taus=TAUS, current: float | None = None, min_gain: float = MIN_GAIN) -> float:
+    """The tau of highest F1, the one nearest ``current`` among ties. ``current`` itself (if one of
+    ``taus``) is kept unless another tau beats it by at least ``min_gain``: a few corrections should
+    not move tau on noise."""
+    scores = f1(counts)
+    taus = np.asarray(taus, float)
+    top = np.flatnonzero(scores >= scores.max() - 1e-12)
+    best = top[np.argmin(np.abs(taus[top] - current))] if current is not None else top[0]
+    near = np.flatnonzero(np.abs(taus - current) < 1e-6) if current is not None else []
+    if len(near) and scores[best] - scores[near[0]] < min_gain:
+        best = near[0]
+    return float(taus[best])
