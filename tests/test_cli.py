@@ -192,3 +192,4 @@ def test_pretrained_download_failure_is_one_line(monkeypatch):
     with pytest.raises(DenucError, match="need the network once") as err:
         PointDetector("timm:resnet18", pretrained=True)
     assert "\n" not in str(err.value) and "resnet18" in str(err.value)
+

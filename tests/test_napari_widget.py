@@ -560,6 +560,17 @@ def test_fit_tau_to_corrected_view(make_napari_viewer, qtbot, env, gt, sample_im
     assert w2.nms_spin.value() == pytest.approx(w2.pipeline.nms_um)  # only tau was restored
 
 
+def test_passive_openmp_only_before_torch_and_never_over_the_user():
+    from napari_denuc.widget._widget import passive_openmp
+
+    env = {}
+    assert passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {}
+    assert not passive_openmp(env, {"torch": object()}) and env == {}  # too late: OpenMP already read it
+
+
 # ------------------------------------------------------------------------- regions, levels, formats
 def test_field_of_view_and_shapes_roi(opened, qtbot, gt):
     from napari_fakes import camera
