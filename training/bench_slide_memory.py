@@ -16,15 +16,14 @@ and the process's peak RSS growth over the warm state. The switches take back on
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def status_mb(key: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_slide_training import status_mb  # noqa: E402
 
 
 def main():
