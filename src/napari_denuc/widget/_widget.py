@@ -77,13 +77,13 @@ def encoder_choices() -> list[str]:
 
 
 def _load_native_libs_on_main_thread():
-    """Keep torch from loading triton inside napari.
+    """Prepare this process before torch loads inside napari: no triton, OpenMP threads that sleep.
 
     torch imports triton lazily (torch._dynamo, reached from the first optimizer step).
     triton's native library bundles its own LLVM, which crashes the process when Mesa's LLVM
     (the OpenGL driver napari's canvas uses under Xvfb or without a GPU) is already loaded.
     triton only compiles GPU kernels, which the widget never uses, so it is marked missing
-    for this process (unless something already imported it).
+    for this process (unless something already imported it). See :func:`passive_openmp`.
     """
     import sys
 
@@ -462,9 +462,7 @@ class DenucWidget(QWidget):
             self._setting_params = True
             try:
                 if not self._tau_restored:
-                    self.tau_spin.blockSignals(True)
-                    self.tau_spin.setValue(float(pipe.tau))
-                    self.tau_spin.blockSignals(False)
+                    self._show_tau(pipe.tau)
                 self.nms_spin.setValue(float(pipe.nms_um))
             finally:
                 self._setting_params = False
@@ -974,9 +972,7 @@ class DenucWidget(QWidget):
         if "tau" in act.extra:  # the threshold control follows its own undo/redo
             tau = act.extra["tau"][0 if undo else 1]
             self._tau_shown[L.token_of(lyr)] = tau
-            self.tau_spin.blockSignals(True)
-            self.tau_spin.setValue(tau)
-            self.tau_spin.blockSignals(False)
+            self._show_tau(tau)
         head = act.extra.get("head_before" if undo else "head_after")
         if head is not None:
             obj, path = head
@@ -1144,6 +1140,12 @@ class DenucWidget(QWidget):
             self.review_next(lyr=lyr)
 
     # ------------------------------------------------------- threshold
+    def _show_tau(self, tau: float):
+        """Show ``tau`` on the control without re-thresholding (its valueChanged would)."""
+        self.tau_spin.blockSignals(True)
+        self.tau_spin.setValue(float(tau))
+        self.tau_spin.blockSignals(False)
+
     def _update_tau_count(self, lyr=None):
         c = self._candidates.get(L.token_of(lyr)) if lyr is not None else None
         if c is None:
@@ -1856,9 +1858,7 @@ class DenucWidget(QWidget):
         if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to this site: the next detection uses it too
             self._tau_shown[L.token_of(lyr)] = float(tau)
             self._tau_restored = True
-            self.tau_spin.blockSignals(True)
-            self.tau_spin.setValue(float(tau))
-            self.tau_spin.blockSignals(False)
+            self._show_tau(tau)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
         self._set_status(f"Restored {len(det)} nuclei ({n_edit} edited) from {path}.")
