@@ -778,3 +778,111 @@ def test_retrain_skips_corrections_outside_the_image(opened, qtbot):
     assert w.pending_retrain is not None, w.status.text()
     assert w.last_result.n_examples == 1  # only the nucleus on the image
     assert "Skipped 1 corrected nuclei outside the image" in w.retrain_report.text()
+
+
+# ------------------------------------------------------------------------- a user's own files (audit)
+def png_of(sample_image, folder):
+    """The sample tile as the user's own PNG (no resolution in the file), in a writable folder."""
+    from PIL import Image
+
+    path = folder / "my tile.png"
+    Image.fromarray(sample_image).save(path)
+    return path
+
+
+def test_resolution_the_user_set_stays_and_comes_back(make_napari_viewer, qtbot, env, sample_image):
+    """A PNG states no mpp: the value the user types must survive new layers and a restart."""
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    assert w.mpp_spin.value() == pytest.approx(0.5) and "assumed" in w.mpp_note.text()
+    w.mpp_spin.setValue(0.45)
+    lyr = detect(qtbot, w)  # the new points layer must not reset the resolution to the assumed 0.5
+    assert w.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w.mpp_note.text()
+    viewer.add_shapes([np.array([[0, 0], [0, 50], [50, 50]])], shape_type="polygon", name="roi")
+    assert w.mpp_spin.value() == pytest.approx(0.45)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    wait_saved(qtbot, w)
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.points_layer() is not None
+    assert w2.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w2.mpp_note.text()
+    assert w2.status.text().startswith("Restored"), w2.status.text()  # not hidden by "Models ready"
+
+
+def test_tau_control_shows_the_threshold_in_use_after_key_steps(opened, qtbot):
+    """Arrow keys on τ: each step re-thresholds, and the box shows the τ the nuclei are at."""
+    _, w = opened
+    lyr = detect(qtbot, w)
+    c = w._candidates[L_token(lyr)]
+    tau0 = round(w.tau_spin.value(), 2)
+    w.tau_spin.setFocus()
+    for k, key in enumerate((Qt.Key_Down, Qt.Key_Down, Qt.Key_Down)):
+        qtbot.keyClick(w.tau_spin, key)
+        tau = round(tau0 - 0.05 * (k + 1), 2)
+        assert w.tau_spin.value() == pytest.approx(tau)
+        assert len(lyr.data) == c.count(tau) and w.status.text().startswith(f"τ = {tau:.2f}")
+    assert [a.label for a in w._history(lyr).undo_stack].count("threshold") == 1  # still one undo step
+    w.undo()
+    assert w.tau_spin.value() == pytest.approx(tau0) and len(lyr.data) == c.count(tau0)
+
+
+def test_renamed_layers_keep_their_nuclei_and_corrections(make_napari_viewer, qtbot, env, sample_image):
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.name = "my nuclei"  # the points layer renamed: still the widget's
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    image = viewer.layers["my tile"]
+    image.name = "case 12"  # the image renamed: the widget follows it
+    assert w.image_combo.currentText() == "case 12"
+    assert w.points_layer() is not None and L_token(w.points_layer()) == L_token(lyr)
+    lyr.selected_data = {1}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert [x.name for x in viewer.layers if x.__class__.__name__ == "Points"] == ["my nuclei"], w.status.text()
+    assert (lyr.features["source"].astype(str) == "edited").sum() == 2
+    wait_saved(qtbot, w)
+    state = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert state["source"].count("edited") == 2
+
+
+def test_cancel_during_retrain_offers_no_head(opened, qtbot, monkeypatch):
+    """Cancel pressed while the head trains: no Keep/Discard offer, no new head file left behind."""
+    import time as _time
+
+    from napari_denuc import retrain as R
+
+    real = R.retrain_head
+
+    def slow(*a, **k):
+        _time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "retrain_head", slow)
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.wait(200)
+    qtbot.mouseClick(w.cancel_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is None and not w.keep_btn.isVisible()
+    assert "Cancelled" in w.status.text()
+    heads = w.pipeline.head
+    assert not list((env_home(w) / "heads").glob("*.safetensors")) and w.pipeline.head is heads
+
+
+def env_home(w):
+    from napari_denuc.widget import session
+
+    return session.default_home()

@@ -181,6 +181,8 @@ class DenucWidget(QWidget):
         self._setting_params = False
         self._napari_progress = None
         self._t_press = None
+        self._restored_note = ""  # "Restored N nuclei ..." stays visible when the models finish loading
+        self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
         self.features_memo = session.FeatureMemo()
 
         self._relay = _Relay()
@@ -201,6 +203,7 @@ class DenucWidget(QWidget):
         self.viewer.layers.selection.events.changed.connect(self._on_selection_changed)
         self._refresh_image_choices()
         for lyr in list(self.viewer.layers):
+            lyr.events.name.connect(self._on_layer_renamed)
             if L.is_denuc_layer(lyr):
                 self._adopt_existing(lyr)
         for lyr in list(self.viewer.layers):
@@ -450,7 +453,10 @@ class DenucWidget(QWidget):
         if not self._setting_params:
             self._params_from_user = True
 
-    def _on_mpp_edited(self, _v):
+    def _on_mpp_edited(self, value):
+        img = self.image_layer()
+        if img is not None:  # kept for this image: new layers and restarts must not reset it
+            self._mpp_user[img.name] = float(value)
         self.mpp_note.setText("set by you")
         self._apply_marker_size()
 
@@ -508,10 +514,46 @@ class DenucWidget(QWidget):
     def _on_layer_inserted(self, event):
         self._refresh_image_choices()
         lyr = event.value
+        lyr.events.name.connect(self._on_layer_renamed)
         if L.is_denuc_layer(lyr) and L.token_of(lyr) not in self._infos:
             self._adopt_existing(lyr)
         self._maybe_restore(lyr)
         self._refresh_views()
+
+    def _on_layer_renamed(self, event=None):
+        """An image layer renamed in the layer list: its nuclei, autosave and resolution follow it.
+
+        The widget ties points layers to their image by name; the image is recognised under its
+        new name by its pixel array (the object the key cache holds).
+        """
+        images = self._image_layers()
+        names = {i.name for i in images}
+        renamed = {}
+        for old, (data, key) in list(self._keys.items()):
+            if old in names:
+                continue
+            new = next((i.name for i in images if i.data is data and i.name not in self._keys), None)
+            if new is not None:
+                renamed[old] = new
+                self._keys[new] = self._keys.pop(old)
+        if not renamed:
+            self._refresh_image_choices()
+            return
+        for old, new in renamed.items():
+            if old in self._mpp_user:
+                self._mpp_user[new] = self._mpp_user.pop(old)
+        for lyr in self.viewer.layers:
+            info = self._infos.get(L.token_of(lyr))
+            if info is not None and info["image"] in renamed:
+                info["image"] = renamed[info["image"]]
+                lyr.metadata["denuc"]["image"] = info["image"]
+        current = self.image_combo.currentText()
+        if current in renamed:
+            self.image_combo.blockSignals(True)
+            self.image_combo.addItem(renamed[current])
+            self.image_combo.setCurrentText(renamed[current])
+            self.image_combo.blockSignals(False)
+        self._refresh_image_choices()
 
     def _on_layer_removing(self, event):
         """Write the layer's corrections before it goes (closing the viewer removes layers too)."""
@@ -580,14 +622,18 @@ class DenucWidget(QWidget):
             self.mpp_note.setText("open an H&E image (File > Open, or File > Open Sample > DeNuC)")
             return
         mpp, assumed = self.image_mpp(lyr)
+        user = self._mpp_user.get(lyr.name)
         self.mpp_spin.blockSignals(True)
-        self.mpp_spin.setValue(mpp)
+        self.mpp_spin.setValue(mpp if user is None else user)
         self.mpp_spin.blockSignals(False)
-        self.mpp_note.setText(
-            f"assumed ({DEFAULT_MPP} µm/px, 20x): the file states no resolution; correct it if needed"
-            if assumed
-            else "from the image"
-        )
+        if user is not None:
+            self.mpp_note.setText("set by you")
+        else:
+            self.mpp_note.setText(
+                f"assumed ({DEFAULT_MPP} µm/px, 20x): the file states no resolution; correct it if needed"
+                if assumed
+                else "from the image"
+            )
         self._refresh_views()
 
     def points_layer(self, image_layer=None):
@@ -643,7 +689,8 @@ class DenucWidget(QWidget):
         self._end_loading()
         self._show_pipeline(pipe)
         if not self.is_busy():
-            self._set_status(f"Models ready (loaded in {self.timings.get('pipeline_load_s', 0):.1f} s).")
+            ready = f"Models ready (loaded in {self.timings.get('pipeline_load_s', 0):.1f} s)."
+            self._set_status(f"{self._restored_note} {ready}" if self._restored_note else ready)
 
     def _on_preload_failed(self, exc):
         self._end_loading()
@@ -1184,6 +1231,7 @@ class DenucWidget(QWidget):
         self._write(lyr, data=d, features=f)
         self._record(lyr, "threshold", extra={"tau": (tau_before, tau)})
         self._tau_shown[L.token_of(lyr)] = tau
+        self._show_tau(tau)  # coalescing undid the previous step, which put its own τ back on the control
         self._set_status(f"τ = {tau:.2f}: {len(d)} nuclei.")
 
     def fit_tau_to_view(self):
@@ -1341,7 +1389,7 @@ class DenucWidget(QWidget):
             raise Cancelled()
         self._relay.progress.emit(int(done), int(max(total, 1)))
 
-    def _start_worker(self, fn, on_done, title):
+    def _start_worker(self, fn, on_done, title, on_cancelled=None):
         _load_native_libs_on_main_thread()
         self._cancel.clear()
         self.run_btn.setEnabled(False)
@@ -1360,6 +1408,10 @@ class DenucWidget(QWidget):
 
         def returned(result):
             ok, value = result
+            if ok and self._cancel.is_set():  # Cancel pressed after the last progress step: still cancelled
+                if on_cancelled is not None:
+                    on_cancelled(value)
+                ok, value = False, Cancelled()
             if not ok:
                 self._on_worker_error(value)
                 return
@@ -1413,7 +1465,7 @@ class DenucWidget(QWidget):
 
     def _new_layer(self, image_layer, det, *, source="model", reviewed=False, state=None):
         """Add an (empty or restored) DeNuC points layer for ``image_layer`` and start tracking it."""
-        mpp = float(self.mpp_spin.value()) if image_layer is self.image_layer() else self.image_mpp(image_layer)[0]
+        mpp = float(self.mpp_spin.value()) if image_layer is self.image_layer() else self._mpp_user.get(image_layer.name, self.image_mpp(image_layer)[0])
         kwargs = L.layer_kwargs(det, self._points_name(image_layer), source=source, reviewed=reviewed, mpp=mpp,
                                 extra_metadata={"image": image_layer.name})
         kwargs["size"] = L.point_size(mpp, float(self.size_spin.value()))
@@ -1662,7 +1714,7 @@ class DenucWidget(QWidget):
             self.progress_bar.setValue(100)
             self._set_status("Keep the new head or discard it (nothing has changed yet).")
 
-        self._start_worker(job, done, "Retraining the head")
+        self._start_worker(job, done, "Retraining the head", on_cancelled=lambda r: self._delete_head_files(r[0].path))
 
     @staticmethod
     def _retrain_summary(res, changed, n_open, n_sampled) -> str:
@@ -1695,11 +1747,7 @@ class DenucWidget(QWidget):
         res = p["result"]
         lyr = self._layer_by_token(p["token"])
         if not keep or lyr is None:
-            from ..io.naming import prior_path, sidecar_path
-
-            for q in (Path(res.path), sidecar_path(res.path), prior_path(res.path)):
-                with contextlib.suppress(OSError):
-                    q.unlink()
+            self._delete_head_files(res.path)
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
             self._set_status("New head discarded; your head and classes are unchanged.")
             return
@@ -1722,6 +1770,15 @@ class DenucWidget(QWidget):
         self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
         self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
         self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    @staticmethod
+    def _delete_head_files(path):
+        """Remove a head the user did not keep (weights, sidecar, prior sample)."""
+        from ..io.naming import prior_path, sidecar_path
+
+        for q in (Path(path), sidecar_path(path), prior_path(path)):
+            with contextlib.suppress(OSError):
+                q.unlink()
 
     # ------------------------------------------------------ import/export
     def export_points(self, path, lyr=None) -> Path:
@@ -1831,7 +1888,8 @@ class DenucWidget(QWidget):
             L.class_colors(lyr),
             info["key"],
             extra={"image": info["image"], "head": self.head_path, "tau": self._tau_shown.get(token),
-                   "tombstones": list(lyr.metadata["denuc"].get("tombstones") or [])},
+                   "tombstones": list(lyr.metadata["denuc"].get("tombstones") or []),
+                   "mpp_user": self._mpp_user.get(info["image"])},
         )
         try:
             session.save_corrections(info["path"], state)
@@ -1850,6 +1908,11 @@ class DenucWidget(QWidget):
         if state is None or (not state.get("xy") and not state.get("tombstones")):
             return None
         det, source, reviewed = session.state_to_detections_and_flags(state)
+        mpp_user = state.get("mpp_user")
+        if isinstance(mpp_user, (int, float)) and mpp_user > 0:  # the resolution the user typed for this image
+            self._mpp_user[image_layer.name] = float(mpp_user)
+            if self.image_layer() is not None and self.image_layer().name == image_layer.name:
+                self._on_image_changed(image_layer.name)
         lyr = self._new_layer(image_layer, det, source=source, reviewed=reviewed, state=state)
         head = state.get("head")
         if head and Path(head).is_file():
@@ -1861,7 +1924,8 @@ class DenucWidget(QWidget):
             self._show_tau(tau)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
-        self._set_status(f"Restored {len(det)} nuclei ({n_edit} edited) from {path}.")
+        self._restored_note = f"Restored {len(det)} nuclei ({n_edit} edited) from {path}."
+        self._set_status(self._restored_note)
         return lyr
 
     def closeEvent(self, event):  # Qt's name
