@@ -886,3 +886,47 @@ def env_home(w):
     from napari_denuc.widget import session
 
     return session.default_home()
+
+
+def test_deleted_points_layer_comes_back_on_the_next_detect(make_napari_viewer, qtbot, env, sample_image):
+    """The user deletes the nuclei layer (napari cannot undo that): the next Detect & classify
+    brings the saved corrections back instead of overwriting them with a fresh detection."""
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    # edit without leaving a selection drawn: napari 0.9.2 + vispy on Mesa llvmpipe segfaults when a
+    # points layer whose selection was drawn is removed and another layer is drawn (napari alone too)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    lyr.selected_data = {5}
+    lyr.remove_selected()
+    lyr.selected_data = set()
+    edited_xy = lyr.data[:3].copy()
+    viewer.layers.remove(lyr)
+    assert w.points_layer() is None
+    lyr = detect(qtbot, w)
+    assert "Kept your 3 reviewed or edited nuclei" in w.status.text() and "1 deleted nuclei stay deleted" in w.status.text()
+    edited = lyr.features["source"].astype(str).to_numpy() == "edited"
+    np.testing.assert_allclose(np.sort(lyr.data[edited], 0), np.sort(edited_xy, 0), atol=1e-3)
+    wait_saved(qtbot, w)
+    state = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert state["source"].count("edited") == 3 and len(state["tombstones"]) == 1
+
+
+def test_two_images_each_show_their_own_tau(opened, qtbot, sample_image):
+    """Switching between two images' nuclei in the layer list: τ shows the threshold of that layer."""
+    viewer, w = opened
+    a = detect(qtbot, w)
+    w.tau_spin.setValue(0.7)
+    viewer.add_image(sample_image[::-1].copy(), rgb=True, name="second", metadata={"mpp": 0.5})
+    w.image_combo.setCurrentText("second")
+    b = detect(qtbot, w)
+    assert L_token(b) != L_token(a)
+    w.tau_spin.setValue(0.6)
+    for lyr, tau in ((a, 0.7), (b, 0.6), (a, 0.7)):
+        viewer.layers.selection.active = lyr
+        assert w.tau_spin.value() == pytest.approx(tau)
+        c = w._candidates[L_token(lyr)]
+        assert len(lyr.data) == c.count(tau) and w.tau_count.text().startswith(f"{c.count(tau)} kept")

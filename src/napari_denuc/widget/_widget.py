@@ -182,6 +182,7 @@ class DenucWidget(QWidget):
         self._napari_progress = None
         self._t_press = None
         self._restored_note = ""  # "Restored N nuclei ..." stays visible when the models finish loading
+        self._shown_image = None  # the image whose settings the controls show
         self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
         self.features_memo = session.FeatureMemo()
 
@@ -634,6 +635,12 @@ class DenucWidget(QWidget):
                 if assumed
                 else "from the image"
             )
+        if lyr.name != self._shown_image:  # another image: τ shows the threshold its nuclei are at
+            self._shown_image = lyr.name
+            pts = self.points_layer(lyr)
+            tau = self._tau_shown.get(L.token_of(pts)) if pts is not None else None
+            if tau is not None:
+                self._show_tau(tau)
         self._refresh_views()
 
     def points_layer(self, image_layer=None):
@@ -1488,6 +1495,8 @@ class DenucWidget(QWidget):
         if cands.features is not None:
             self.features_memo.put(key, cands.det.xy, cands.features)
         lyr = self.points_layer(image_layer)
+        if lyr is None:  # a deleted nuclei layer left its corrections on disk: merge into them, never over them
+            lyr = self._maybe_restore(image_layer)
         if lyr is None:
             empty = E.subset(cands.det, np.zeros(len(cands.det), bool))
             lyr = self._new_layer(image_layer, empty)
@@ -1804,7 +1813,7 @@ class DenucWidget(QWidget):
         det = read_points(path)
         src = getattr(det, "source", None)
         rev = getattr(det, "reviewed", None)
-        lyr = self.points_layer(image_layer)
+        lyr = self.points_layer(image_layer) or self._maybe_restore(image_layer)  # a deleted layer's saved work
         if lyr is not None and len(lyr.data) and mode is None:
             mode = self._ask_import_mode(Path(path).name, len(lyr.data))
             if mode is None:
