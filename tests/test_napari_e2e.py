@@ -122,7 +122,7 @@ def _tiff_like_monuseg(folder):
     return out, 0.25
 
 
-def test_first_hour_with_own_files(qtbot, make_napari_viewer, env):
+def test_first_hour_with_own_files(qtbot, make_napari_viewer, env, monkeypatch):
     """A pathologist's own files through Plugins > DeNuC with the real models: a PNG (no mpp), a
     TIFF with mpp tags, a pyramidal slide; threshold keys, Fit to view, undo/redo keys, retrain
     and keep, Export… to QuPath GeoJSON, close napari, next day: everything back, run on the view."""
@@ -203,10 +203,10 @@ def test_first_hour_with_own_files(qtbot, make_napari_viewer, env):
 
     # Export… (the button and its file dialog) to QuPath GeoJSON; check it as QuPath reads it
     out = env / "case 7.geojson"
-    _widget.QFileDialog.getSaveFileName = staticmethod(lambda *a, **k: (str(out), ""))
+    monkeypatch.setattr(_widget.QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(env / "case 7"), "QuPath GeoJSON (*.geojson)")))
     export = next(b for b in w.findChildren(QPushButton) if b.text() == "Export…")
     qtbot.mouseClick(export, Qt.LeftButton)
-    gj = json.loads(out.read_text())
+    gj = json.loads(out.read_text())  # the name typed without a suffix got the chosen format's
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(lyr.data)
     assert {f["geometry"]["type"] for f in gj["features"]} == {"Point"}
     assert {f["properties"]["classification"]["name"] for f in gj["features"]} <= set(names)

@@ -1860,7 +1860,9 @@ class DenucWidget(QWidget):
         return {rep: "replace", mer: "merge"}.get(box.clickedButton())
 
     def _export_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export nuclei", "", "QuPath GeoJSON (*.geojson);;CSV (*.csv)")
+        path, chosen = QFileDialog.getSaveFileName(self, "Export nuclei", "", "QuPath GeoJSON (*.geojson);;CSV (*.csv)")
+        if path and not Path(path).suffix:  # a name typed without one: QuPath recognises files by their suffix
+            path += ".csv" if chosen.startswith("CSV") else ".geojson"
         if path:
             try:
                 p = self.export_points(path)
