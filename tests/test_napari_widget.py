@@ -812,6 +812,12 @@ def test_resolution_the_user_set_stays_and_comes_back(make_napari_viewer, qtbot,
     assert w2.points_layer() is not None
     assert w2.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w2.mpp_note.text()
     assert w2.status.text().startswith("Restored"), w2.status.text()  # not hidden by "Models ready"
+    # τ moved before any detection in this session: nothing is cached yet, so say when it applies
+    w2.tau_spin.setValue(0.8)
+    assert "next Detect & classify" in w2.status.text(), w2.status.text()
+    lyr2 = detect(qtbot, w2)
+    model = (lyr2.features["source"].astype(str) == "model").to_numpy()
+    assert model.any() and (lyr2.features["score"].to_numpy()[model] > 0.8).all()
 
 
 def test_tau_control_shows_the_threshold_in_use_after_key_steps(opened, qtbot):

@@ -1217,7 +1217,9 @@ class DenucWidget(QWidget):
         """Re-threshold the cached candidates of the current layer (no network run); undoable as one step."""
         lyr = self.points_layer()
         c = self._candidates.get(L.token_of(lyr)) if lyr is not None else None
-        if c is None:
+        if c is None:  # restored or imported nuclei: no detection cached in this session yet
+            if lyr is not None:
+                self._set_status(f"τ {tau:.2f} applies at the next Detect & classify (no detection cached for these nuclei yet).")
             return
         if tau < c.tau_floor - 1e-9:
             self._set_status(f"τ {tau:.2f} is below the cached {c.tau_floor:.2f}: press Detect & classify to search again.")
