@@ -936,3 +936,46 @@ def test_two_images_each_show_their_own_tau(opened, qtbot, sample_image):
         assert w.tau_spin.value() == pytest.approx(tau)
         c = w._candidates[L_token(lyr)]
         assert len(lyr.data) == c.count(tau) and w.tau_count.text().startswith(f"{c.count(tau)} kept")
+
+
+def test_nucleus_added_after_selecting_one_is_the_users(opened, qtbot, gt):
+    """napari copies a selected point's features into the defaults for the next added point: a
+    nucleus added by a click right after selecting a model nucleus must still be the user's
+    (edited, reviewed, current class, own id, no inherited score or probabilities), and so must a
+    pasted copy of a model nucleus (it keeps its class)."""
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    f = lyr.features
+    i = int(np.flatnonzero((f["class"].astype(str) == "tumor").to_numpy() & (f["score"].to_numpy() < 1))[0])
+    w.class_combo.setCurrentText("lymphocyte")
+    user.select(lyr, lyr.data[i].copy())  # the user looks at a model tumour nucleus ...
+    assert lyr.selected_data == {i}
+    spot = empty_spots(gt[0], 1, seed=7)[0]
+    lyr.mode = "add"
+    user.click(spot)  # ... then adds the one the model missed
+    lyr.mode = "select"
+    f = lyr.features
+    new = len(lyr.data) - 1
+    np.testing.assert_allclose(lyr.data[new], spot, atol=0.6)
+    assert f["source"].iloc[new] == "edited" and f["reviewed"].iloc[new]
+    assert f["class"].iloc[new] == "lymphocyte" and f["score"].iloc[new] == 1.0
+    assert np.isnan(f["prob_tumor"].iloc[new]) and f["nid"].is_unique
+    # copy / paste a model nucleus: the copy is the user's too, with the class it was copied with
+    j = int(np.flatnonzero((f["source"].astype(str) == "model").to_numpy() & ~f["reviewed"].to_numpy())[3])
+    cls_j = f["class"].iloc[j]
+    user.select(lyr, lyr.data[j].copy())
+    user.key(Qt.Key_C, Qt.ControlModifier)
+    user.key(Qt.Key_V, Qt.ControlModifier)
+    f = lyr.features
+    assert len(f) == new + 2 and f["nid"].is_unique
+    assert f["source"].iloc[-1] == "edited" and f["reviewed"].iloc[-1] and f["class"].iloc[-1] == cls_j
+    np.testing.assert_allclose(lyr.data[-1], lyr.data[j])  # napari pastes in place in 2D
+    assert w._history(lyr).undo_stack[-1].label == "paste"  # one undo step, autosaved like any edit
+    assert L_token(lyr) in w._dirty or w._autosave_timer.isActive()
+    # both count as corrections: deleting them leaves no tombstone (nothing the model found)
+    lyr.selected_data = {new, len(f) - 1}
+    lyr.remove_selected()
+    assert not lyr.metadata["denuc"].get("tombstones")

@@ -928,6 +928,10 @@ class DenucWidget(QWidget):
             return
         self._normalise(lyr)
         if action.endswith("added"):
+            n = len(lyr.data)
+            rows = sorted({int(i) % n for i in (getattr(event, "data_indices", ()) or ()) if n and -n <= int(i) < n})
+            if rows:  # placed by hand: the user's, whatever napari copied into them from a selected nucleus
+                self._write(lyr, features=L.placed_by_hand(lyr.features, rows))
             self._record(lyr, "add")
         elif action.endswith("removed"):
             self._tombstone_removed(lyr)
@@ -1565,6 +1569,7 @@ class DenucWidget(QWidget):
         self._histories[token] = History(lyr)
         lyr.events.data.connect(self._on_data_event)
         lyr.events.mode.connect(self._on_mode_changed)
+        lyr.events.current_properties.connect(self._on_defaults_changed)
         for k in range(1, 10):
             lyr.bind_key(str(k), self._key_handler(k - 1), overwrite=True)
         lyr.bind_key("r", lambda layer: self.mark_selected_reviewed(layer), overwrite=True)
@@ -1572,6 +1577,9 @@ class DenucWidget(QWidget):
         lyr.bind_key("Shift-N", lambda layer: self.review_next(back=True, lyr=layer), overwrite=True)
         lyr.bind_key("Control-Z", lambda layer: self.undo(layer), overwrite=True)
         lyr.bind_key("Control-Shift-Z", lambda layer: self.redo(layer), overwrite=True)
+        # napari's own paste writes the points without a data event (no undo, no autosave, no flags)
+        lyr.bind_key("Control-C", lambda layer: self.copy_selected(layer), overwrite=True)
+        lyr.bind_key("Control-V", lambda layer: self.paste(layer), overwrite=True)
         lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self.class_combo.currentText() or None)
         lyr.help = KEYS_HELP
 
@@ -1586,6 +1594,56 @@ class DenucWidget(QWidget):
             with self._quiet():
                 lyr.features = f
         self._adopt(lyr, img)
+
+    def _on_defaults_changed(self, event):
+        """Selecting a point makes napari copy its features (id, score, source, class) into the
+        defaults of the next added point: put the widget's back (a new nucleus is the user's)."""
+        lyr = self._layer_by_token(L.token_of(event.source))
+        if lyr is None or not len(lyr.feature_defaults):
+            return
+        d = lyr.feature_defaults.iloc[0]
+        if d.get("nid", -1) == -1 and str(d.get("source", "")) == "edited" and str(d.get("class", "")) == self._new_class(lyr):
+            return  # already ours (this handler's own write lands here too)
+        lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self._new_class(lyr))
+
+    def _new_class(self, lyr) -> str:
+        names = L.class_names(lyr)
+        cur = self.class_combo.currentText()
+        return cur if cur in names else names[0]
+
+    def copy_selected(self, lyr=None):
+        """Ctrl+C on the points layer: remember the selected nuclei's positions and classes."""
+        lyr = self._resolve(lyr)
+        if lyr is None or not lyr.selected_data:
+            return
+        sel = sorted(int(i) for i in lyr.selected_data)
+        self._clipboard = (np.asarray(lyr.data)[sel].copy(), lyr.features["class"].astype(str).to_numpy()[sel].copy())
+        self._set_status(f"Copied {len(sel)} {'nucleus' if len(sel) == 1 else 'nuclei'} (Ctrl+V pastes).")
+
+    def paste(self, lyr=None):
+        """Ctrl+V: add the copied nuclei at their places with their classes, as the user's nuclei; one undo step."""
+        lyr = self._resolve(lyr)
+        clip = getattr(self, "_clipboard", None)
+        if lyr is None or clip is None or not len(clip[0]):
+            return
+        data, classes = clip
+        self._flush_moves()
+        names = L.class_names(lyr)
+        n0 = len(lyr.data)
+        with self._quiet():
+            lyr.add(data)
+        rows = list(range(n0, len(lyr.data)))
+        self._normalise(lyr)
+        f = L.placed_by_hand(lyr.features, rows)
+        for name in set(classes):
+            if name in names:
+                f = L.with_class(f, [r for r, c in zip(rows, classes) if c == name], name)
+        self._write(lyr, features=f)
+        with self._quiet():
+            lyr.selected_data = set(rows)
+        lyr.feature_defaults = L.feature_defaults(names, self._new_class(lyr))
+        self._record(lyr, "paste")
+        self._set_status(f"Pasted {len(rows)} {'nucleus' if len(rows) == 1 else 'nuclei'}.")
 
     def _on_mode_changed(self, event):
         lyr = self._layer_by_token(L.token_of(event.source))
