@@ -979,3 +979,44 @@ def test_nucleus_added_after_selecting_one_is_the_users(opened, qtbot, gt):
     lyr.selected_data = {new, len(f) - 1}
     lyr.remove_selected()
     assert not lyr.metadata["denuc"].get("tombstones")
+
+
+def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer, qtbot, env, sample_image):
+    """The dock's close button keeps the widget object alive (napari only unparents it). Reopened
+    from the menu, only the new widget may answer the layers: one restored layer per image, the
+    new widget's class for added nuclei, no ping-pong between the two."""
+    import shutil
+
+    from napari_fakes import User, empty_spots
+
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    dock, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=30000)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    w.class_combo.setCurrentText("tumor")
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    saved = env["tmp"] / "my tile.png.denuc.json"
+    assert json.loads(saved.read_text())["source"].count("edited") == 1  # saved when closed
+    w2 = open_widget(viewer, qtbot)
+    assert w2 is not w and L_token(w2.points_layer()) == L_token(lyr)
+    w2.class_combo.setCurrentText("lymphocyte")
+    user = User(viewer, qtbot)
+    user.select(lyr, lyr.data[5].copy())
+    user.key(Qt.Key_3)
+    spot = empty_spots(np.asarray(lyr.data)[:, ::-1], 1, seed=3)[0]
+    lyr.mode = "add"
+    user.click(spot)
+    lyr.mode = "select"
+    assert lyr.features["class"].iloc[-1] == "lymphocyte"  # the open widget's class, not the closed one's
+    wait_saved(qtbot, w2)
+    assert json.loads(saved.read_text())["source"].count("edited") == 3
+    # the same pixels under another name with saved corrections: exactly one restored layer
+    other = env["tmp"] / "other.png"
+    shutil.copy(png, other)
+    shutil.copy(saved, env["tmp"] / "other.png.denuc.json")
+    viewer.open(str(other))
+    assert [x.name for x in viewer.layers if x.__class__.__name__ == "Points"].count("other nuclei") == 1

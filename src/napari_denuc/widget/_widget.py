@@ -18,7 +18,7 @@ import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -183,6 +183,8 @@ class DenucWidget(QWidget):
         self._t_press = None
         self._restored_note = ""  # "Restored N nuclei ..." stays visible when the models finish loading
         self._shown_image = None  # the image whose settings the controls show
+        self._docked = False
+        self._retired = False  # closed from the window: another widget may own the layers now
         self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
         self.features_memo = session.FeatureMemo()
 
@@ -1421,6 +1423,8 @@ class DenucWidget(QWidget):
 
         def returned(result):
             ok, value = result
+            if self._retired:  # the dock was closed meanwhile: the layers answer to the open widget now
+                return
             if ok and self._cancel.is_set():  # Cancel pressed after the last progress step: still cancelled
                 if on_cancelled is not None:
                     on_cancelled(value)
@@ -2002,4 +2006,47 @@ class DenucWidget(QWidget):
     def closeEvent(self, event):  # Qt's name
         self.save_now()
         super().closeEvent(event)
+
+    def event(self, ev):  # Qt's name
+        # The dock's close button (napari's remove_dock_widget) only unparents this widget, which
+        # stays alive and connected; opened again from the menu, a second widget would answer the
+        # same layers (each resetting the other's defaults, both restoring the same corrections).
+        if ev.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._retire()
+        return super().event(ev)
+
+    def _retire(self):
+        """Save every layer's corrections, then stop answering the viewer and its layers."""
+        if self._retired:
+            return
+        self._flush_moves()
+        self._autosave_timer.stop()
+        for token in list(self._infos):
+            lyr = self._layer_by_token(token)
+            if lyr is not None:
+                self._save_token(token, lyr)
+        self._retired = True
+        self._cancel.set()
+        pairs = [
+            (self.viewer.layers.events.inserted, self._on_layer_inserted),
+            (self.viewer.layers.events.removing, self._on_layer_removing),
+            (self.viewer.layers.events.removed, self._on_layers_changed),
+            (self.viewer.layers.selection.events.changed, self._on_selection_changed),
+        ]
+        for lyr in self.viewer.layers:
+            pairs.append((lyr.events.name, self._on_layer_renamed))
+            if L.token_of(lyr) in self._infos:
+                pairs += [(lyr.events.data, self._on_data_event), (lyr.events.mode, self._on_mode_changed),
+                          (lyr.events.current_properties, self._on_defaults_changed)]
+                for key in [str(k) for k in range(1, 10)] + ["r", "n", "Shift-N", "Control-Z", "Control-Shift-Z", "Control-C", "Control-V"]:
+                    with contextlib.suppress(Exception):  # napari's own bindings for these keys come back
+                        lyr.bind_key(key, None, overwrite=True)
+        for emitter, callback in pairs:
+            with contextlib.suppress(Exception):  # not connected: nothing to undo
+                emitter.disconnect(callback)
+        self._infos.clear()
+        self._dirty.clear()
 
