@@ -1001,6 +1001,9 @@ def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer
     viewer.window.remove_dock_widget(dock)  # what the dock's close button does
     saved = env["tmp"] / "my tile.png.denuc.json"
     assert json.loads(saved.read_text())["source"].count("edited") == 1  # saved when closed
+    n = len(lyr.data)
+    lyr.add(np.array([[30.0, 30.0]]))  # napari's add tool with the dock closed: still autosaved
+    qtbot.waitUntil(lambda: len(json.loads(saved.read_text())["xy"]) == n + 1, timeout=5000)
     w2 = open_widget(viewer, qtbot)
     assert w2 is not w and L_token(w2.points_layer()) == L_token(lyr)
     w2.class_combo.setCurrentText("lymphocyte")
@@ -1013,7 +1016,7 @@ def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer
     lyr.mode = "select"
     assert lyr.features["class"].iloc[-1] == "lymphocyte"  # the open widget's class, not the closed one's
     wait_saved(qtbot, w2)
-    assert json.loads(saved.read_text())["source"].count("edited") == 3
+    assert json.loads(saved.read_text())["source"].count("edited") == 4
     # the same pixels under another name with saved corrections: exactly one restored layer
     other = env["tmp"] / "other.png"
     shutil.copy(png, other)

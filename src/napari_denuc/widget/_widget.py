@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,11 @@ KEYS_HELP = (
     "DeNuC keys: 1-9 set class · r reviewed · n / Shift+N next / previous doubtful nucleus · "
     "Ctrl+Z / Ctrl+Shift+Z undo / redo · Delete removes selected"
 )
+
+
+# token -> the widget that answers for that points layer: the newest one that adopted it. A widget
+# whose dock was closed keeps saving its layers until another widget adopts them.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def make_pipeline(detector=None, encoder=None, head=None):
@@ -565,7 +571,7 @@ class DenucWidget(QWidget):
         except Exception:  # noqa: BLE001
             return
         token = L.token_of(lyr)
-        if token in self._infos:
+        if token in self._infos and _OWNERS.get(token) is self:
             self._flush_moves()
             self._save_token(token, lyr)
 
@@ -921,6 +927,10 @@ class DenucWidget(QWidget):
             return
         lyr = self._layer_by_token(L.token_of(event.source))
         if lyr is None:
+            return
+        if self._retired:  # dock closed: napari's own edits are still saved, by the layer's owner only
+            if _OWNERS.get(L.token_of(lyr)) is self and not str(getattr(event, "action", "")).endswith("ing"):
+                self._mark_dirty(lyr)
             return
         action = str(getattr(event, "action", ""))
         if action.endswith(("adding", "removing")):
@@ -1562,6 +1572,7 @@ class DenucWidget(QWidget):
         if key is None:
             key = self._image_key(image_layer)
         token = L.token_of(lyr)
+        _OWNERS[token] = self
         lyr.metadata["denuc"]["image"] = image_layer.name
         self._infos[token] = {
             "image": image_layer.name,
@@ -1954,7 +1965,7 @@ class DenucWidget(QWidget):
     def _save_token(self, token, lyr):
         info = self._infos.get(token)
         self._dirty.discard(token)
-        if info is None:
+        if info is None or _OWNERS.get(token) is not self:  # another widget answers for it now
             return
         state = session.corrections_state(
             rc_to_xy(lyr.data) if len(lyr.data) else np.zeros((0, 2)),
@@ -2019,7 +2030,8 @@ class DenucWidget(QWidget):
         return super().event(ev)
 
     def _retire(self):
-        """Save every layer's corrections, then stop answering the viewer and its layers."""
+        """Save every layer's corrections, then stop answering the viewer and its layers, except
+        to keep saving napari's own edits to them until another widget adopts them."""
         if self._retired:
             return
         self._flush_moves()
@@ -2032,21 +2044,17 @@ class DenucWidget(QWidget):
         self._cancel.set()
         pairs = [
             (self.viewer.layers.events.inserted, self._on_layer_inserted),
-            (self.viewer.layers.events.removing, self._on_layer_removing),
             (self.viewer.layers.events.removed, self._on_layers_changed),
             (self.viewer.layers.selection.events.changed, self._on_selection_changed),
         ]
         for lyr in self.viewer.layers:
             pairs.append((lyr.events.name, self._on_layer_renamed))
             if L.token_of(lyr) in self._infos:
-                pairs += [(lyr.events.data, self._on_data_event), (lyr.events.mode, self._on_mode_changed),
-                          (lyr.events.current_properties, self._on_defaults_changed)]
+                pairs += [(lyr.events.mode, self._on_mode_changed), (lyr.events.current_properties, self._on_defaults_changed)]
                 for key in [str(k) for k in range(1, 10)] + ["r", "n", "Shift-N", "Control-Z", "Control-Shift-Z", "Control-C", "Control-V"]:
                     with contextlib.suppress(Exception):  # napari's own bindings for these keys come back
                         lyr.bind_key(key, None, overwrite=True)
         for emitter, callback in pairs:
             with contextlib.suppress(Exception):  # not connected: nothing to undo
                 emitter.disconnect(callback)
-        self._infos.clear()
-        self._dirty.clear()
 
