@@ -12,6 +12,9 @@ and NMS radius are chosen by the *mean over the three held-out sites* of the det
     # one fold of one recipe (resumable), then the selection over the three folds
     python training/loso_detector.py train --recipe scratch-x1_0 --holdout A7 --out runs/loso
     python training/loso_detector.py select --out runs/loso --recipe scratch-x1_0 [--recipe ...]
+    # the shipped detector: the recipe on all 90 tiles, then its LOSO-chosen tau and NMS
+    python training/loso_detector.py train --recipe shipped-travel --holdout none --out runs/loso_long
+    python training/loso_detector.py ship --recipe shipped-travel --out runs/loso_long --outside ../shared/data/monuseg_subset
 
 Everything runs on one torch thread (the machine's 2 cores are shared).
 """
@@ -202,6 +205,31 @@ def cmd_select(a) -> dict:
     return results
 
 
+def cmd_ship(a):
+    """Write a recipe's all-90-tile model (``train --holdout none``) to ``--to`` with the threshold and
+    NMS radius its three fold models chose under LOSO; the sidecar records that LOSO figure."""
+    from napari_denuc.detection.checkpoint import load_detector, save_detector
+
+    chosen = cmd_select(argparse.Namespace(recipe=[a.recipe], out=a.out, json=None))[a.recipe]
+    det = load_detector(Path(a.out) / a.recipe / "none" / "best.safetensors")
+    if det.meta["training"]["epochs"] != chosen["epoch"]:
+        raise SystemExit(f"the all-tile model trained {det.meta['training']['epochs']} epochs, the LOSO choice is epoch {chosen['epoch']}")
+    metrics = {"radius_um": 3.0, "loso_detection": {
+        "f1": round(chosen["mean_f1"], 4), "per_site": {k: round(v, 4) for k, v in chosen["per_site"].items()},
+        "protocol": "training/loso_detector.py: fold models trained on two of A7/A8/AC, F1 on the third, mean of three"}}
+    if a.outside:  # zero-shot on an outside folder data set, at the shipped setting (tests re-measure it)
+        from napari_denuc.data import load_dataset
+        from napari_denuc.detection.train import evaluate_detector, prepare
+
+        samples = load_dataset("folder", a.outside, "all")
+        res, _ = evaluate_detector(det.model, prepare(samples, det.mpp), 3.0, det.mpp, taus=[chosen["tau"]], nms_ums=[chosen["nms_um"]])
+        metrics["outside_detection"] = {"data": Path(a.outside).name, "n_images": len(samples),
+                                        **{k: round(res[k], 4) for k in ("precision", "recall", "f1")}}
+    save_detector(det.model, a.to, mpp=det.mpp, tau=chosen["tau"], nms_um=chosen["nms_um"], training={**det.meta["training"], "recipe": a.recipe},
+                  metrics=metrics)
+    print(f"{a.to}: {a.recipe}, tau {chosen['tau']}, NMS {chosen['nms_um']} um; {json.dumps(metrics)}")
+
+
 def cmd_table(a):
     """Markdown: per-site and mean F1 across thresholds at one NMS radius, for eval JSONs and recipes."""
     columns = []  # (label, summarise() output)
@@ -252,8 +280,13 @@ def main(argv=None):
     tb.add_argument("--epoch", type=int, default=0, help="epoch of the recipes (default: the last evaluated)")
     tb.add_argument("--nms-um", type=float, default=4.0)
     tb.add_argument("--out", default="runs/loso")
+    sh = sub.add_parser("ship")
+    sh.add_argument("--recipe", choices=sorted(RECIPES), required=True)
+    sh.add_argument("--out", default="runs/loso")
+    sh.add_argument("--to", default="src/napari_denuc/weights/detector.safetensors")
+    sh.add_argument("--outside", help="a folder data set to record the zero-shot F1 on (e.g. ../shared/data/monuseg_subset)")
     a = p.parse_args(argv)
-    {"eval": cmd_eval, "train": cmd_train, "select": cmd_select, "table": cmd_table}[a.cmd](a)
+    {"eval": cmd_eval, "train": cmd_train, "select": cmd_select, "table": cmd_table, "ship": cmd_ship}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ in the figure saw the held-out site except the ``lite`` encoder's detector neck 
     #    features there (resumable: one file per tile)
     python training/loso_end_to_end.py features --config eff0@0.5 --config lite [--folds runs/loso_long/shipped]
     # 2. f_avg and detection F1 across thresholds; a threshold per tile (oracle, rules); tau fitted to corrected tiles
-    python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--json OUT]
+    python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--shipped-tau 0.55] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from loso_heads import RADIUS_UM, RUNS, build_encoder, fit_head, load_features, 
 
 from napari_denuc.retrain import prior_sample  # noqa: E402
 
-OUT = RUNS / "fold_detections"
+
+
+def cache_dir(folds: Path) -> Path:
+    """Candidates and features of one recipe's fold detectors (``runs/loso/fold_detections/<recipe>``)."""
+    return RUNS / "fold_detections" / folds.name
 TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
@@ -35,7 +39,7 @@ def fold_candidates(samples, folds: Path):
     """{tile: (xy, scores)} of each held-out tile's fold detector, at the candidate floor (cached)."""
     from napari_denuc.detection.checkpoint import load_detector
 
-    path = OUT / "candidates.npz"
+    path = cache_dir(folds) / "candidates.npz"
     if path.is_file():
         z = np.load(path)
         return {s.name: (z[s.name + "/xy"], z[s.name + "/scores"]) for s in samples}
@@ -48,7 +52,7 @@ def fold_candidates(samples, folds: Path):
             if site_of(s.name) == site:
                 out[s.name] = det.candidates(s.image, s.mpp, nms_um=4.0)
         print(f"{site}: candidates of the fold detector", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{f"{k}/xy": v[0] for k, v in out.items()}, **{f"{k}/scores": v[1] for k, v in out.items()})
     return out
 
@@ -60,7 +64,7 @@ def features(config: str, root, folds: Path):
     samples = train + val
     cands = fold_candidates(samples, folds)
     enc = build_encoder(config, load_detector(None))
-    out_dir = OUT / config
+    out_dir = cache_dir(folds) / config
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(samples):
         path = out_dir / f"{Path(s.name).stem}.npz"
@@ -69,11 +73,11 @@ def features(config: str, root, folds: Path):
             print(f"{config}: {i + 1}/{len(samples)}", flush=True)
 
 
-def load_fold_features(config: str, samples):
+def load_fold_features(config: str, samples, folds: Path):
     if "|" in config:
-        parts = [load_fold_features(c, samples) for c in config.split("|")]
+        parts = [load_fold_features(c, samples, folds) for c in config.split("|")]
         return {n: np.concatenate([p[n] for p in parts], axis=1) for n in parts[0]}
-    return {s.name: np.load(OUT / config / f"{Path(s.name).stem}.npz")["det"].astype(np.float32) for s in samples}
+    return {s.name: np.load(cache_dir(folds) / config / f"{Path(s.name).stem}.npz")["det"].astype(np.float32) for s in samples}
 
 
 def count_rule(scores) -> float:
@@ -145,7 +149,30 @@ def fitted_tau(tiles, cands, kept, head, user_inputs, names, n_user: int, draws:
     return out
 
 
-def score(config: str, root, folds: Path, context_um: float, json_out):
+def fitted_tau_within_tile(tiles, cands, shipped: float, min_nuclei: int = 30) -> dict:
+    """Fit to view on the same slide: tau fitted to one quadrant of a tile (a field of view the user
+    corrected, at least ``min_nuclei`` nuclei as the widget requires), detection F1 on the tile's other
+    three quadrants against the shipped tau; pooled over every (tile, quadrant) of the site."""
+    from napari_denuc.detection.tau_fit import best_tau, f1, threshold_counts
+
+    fitted, start = 0, 0
+    for s in tiles:
+        xy, sc = cands[s.name]
+        h, w = s.image.shape[:2]
+        r = RADIUS_UM / s.mpp
+        for qx, qy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            def inside(p):
+                return ((p[:, 0] >= qx * w / 2) & (p[:, 0] < (qx + 1) * w / 2) & (p[:, 1] >= qy * h / 2) & (p[:, 1] < (qy + 1) * h / 2))
+            view, truth = inside(xy), inside(s.points)
+            if truth.sum() < min_nuclei:
+                continue
+            tau = best_tau(threshold_counts(xy[view], sc[view], s.points[truth], r), current=shipped)
+            rest = threshold_counts(xy[~view], sc[~view], s.points[~truth], r, taus=(shipped, tau))
+            start, fitted = start + rest[0], fitted + rest[1]
+    return {"shipped_detection_f1": round(float(f1(np.array([start]))[0]), 4), "fitted_detection_f1": round(float(f1(np.array([fitted]))[0]), 4)}
+
+
+def score(config: str, root, folds: Path, context_um: float, json_out, shipped_tau: float):
     from napari_denuc.context import with_context
     from napari_denuc.detection.tau_fit import TAUS as FIT_TAUS
     from napari_denuc.metrics import PointScorer
@@ -154,7 +181,7 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
     samples = train + val
     names = samples[0].class_names
     cands = fold_candidates(samples, folds)
-    det_feats = load_fold_features(config, samples)
+    det_feats = load_fold_features(config, samples, folds)
     gt_feats = load_features(config, samples)
     rows, per_tile, fitted = {}, {}, {}
     for site in sorted({site_of(s.name) for s in samples}):
@@ -183,7 +210,8 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
                                              "class_f1": {k: round(v["f1"], 4) for k, v in r["classes"].items()}}
         print(site, "  ".join(f"tau {t}: {rows[t][site]['f_avg']:.3f}/{rows[t][site]['detection_f1']:.3f}" for t in TAUS), flush=True)
         per_tile[site] = per_tile_thresholds(held, cands)
-        fitted[site] = [fitted_tau(held, cands, kept, head, user_inputs, names, n) for n in (1, 2)]
+        fitted[site] = [fitted_tau(held, cands, kept, head, user_inputs, names, n, shipped=shipped_tau) for n in (1, 2)]
+        fitted[site].append(fitted_tau_within_tile(held, cands, shipped_tau))
         print(site, "corrected tiles:", fitted[site], flush=True)
     table = [{"tau": t, "sites": v, "mean_f_avg": round(float(np.mean([x["f_avg"] for x in v.values()])), 4),
               "mean_detection_f1": round(float(np.mean([x["detection_f1"] for x in v.values()])), 4)} for t, v in rows.items()]
@@ -198,9 +226,12 @@ def score(config: str, root, folds: Path, context_um: float, json_out):
         print(f"{n} corrected tile(s) of the site, change on its other tiles (detection F1 / f_avg): "
               + ", ".join(f"{w} {np.mean([x[w]['mean_d_detection_f1'] for x in v]):+.4f} / {np.mean([x[w]['mean_d_f_avg'] for x in v]):+.4f}"
                           for w in ("tau", "head", "both")))
+    v = [fitted[site][2] for site in fitted]
+    print("tau fitted to one quadrant of a tile, detection F1 on its other three quadrants: "
+          f"{np.mean([x['fitted_detection_f1'] for x in v]):.4f} against {np.mean([x['shipped_detection_f1'] for x in v]):.4f} at the shipped tau", v)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"config": config, "context_um": context_um, "folds": str(folds), "rows": table,
+        Path(json_out).write_text(json.dumps({"config": config, "context_um": context_um, "folds": str(folds), "shipped_tau": shipped_tau, "rows": table,
                                               "per_tile_threshold_detection_f1": per_tile, "tau_fitted_to_user_tiles": fitted},
                                              indent=1) + "\n")
 
@@ -213,12 +244,13 @@ def main():
     ap.add_argument("--folds", type=Path, default=Path("runs/loso_long/shipped"), help="<folds>/<site>/best.safetensors")
     ap.add_argument("--context-um", type=float, default=40.0)
     ap.add_argument("--json")
+    ap.add_argument("--shipped-tau", type=float, default=0.55, help="the threshold a fitted tau starts from and is compared with")
     a = ap.parse_args()
     for c in a.config:
         if a.what == "features":
             features(c, a.root, a.folds)
         else:
-            score(c, a.root, a.folds, a.context_um, a.json)
+            score(c, a.root, a.folds, a.context_um, a.json, a.shipped_tau)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the bundled detector: ShuffleNetV2 1.0x from scratch on the BRCA-M2C train split,
+# Reproduce the detector bundled before `shipped-travel` (docs/models.md): ShuffleNetV2 1.0x from scratch on the BRCA-M2C train split,
 # checkpoint (and score threshold / NMS radius) selected on val. About 35 minutes on 2 CPU cores.
 # Resumable: run it again after an interruption. Then copy the result into the package:
 #   cp runs/detector/best.safetensors      src/napari_denuc/weights/detector.safetensors

@@ -275,7 +275,7 @@ class DenucWidget(QWidget):
         self.fit_tau_btn = QPushButton("Fit to view")
         self.fit_tau_btn.setToolTip(
             "Correct every nucleus in view first (add missed ones, delete false ones), then press: τ becomes the "
-            "threshold that best reproduces your corrected nuclei. Use it for the site's other slides too."
+            "threshold that best reproduces your corrected nuclei, for the whole image."
         )
         self.fit_tau_btn.clicked.connect(self.fit_tau_to_view)
         tau_row.addWidget(self.fit_tau_btn)
@@ -1262,8 +1262,8 @@ class DenucWidget(QWidget):
     def fit_tau_to_view(self):
         """Set τ to the threshold whose detections best match the nuclei in view as the user corrected them.
 
-        A detector's scores shift at a site it never saw; a τ fitted to one corrected tile of a site
-        carries to the site's other tiles (``detection.tau_fit``). The nuclei in view are taken as
+        A detector's scores shift at a site it never saw; a τ fitted to a corrected field of view
+        lifts detection on the rest of the slide (``detection.tau_fit``). The nuclei in view are taken as
         the truth, so the user must have corrected all of them; at least one edit there is required.
         """
         from ..detection import tau_fit
@@ -1297,7 +1297,7 @@ class DenucWidget(QWidget):
             return
         self.tau_spin.setValue(tau)  # re-thresholds the cached candidates: one undo step
         self._set_status(f"τ {current:.2f} -> {tau:.2f}: {fit} {f1[taus.index(current)]:.3f} -> {f1[taus.index(tau)]:.3f}. "
-                         f"For this site's other slides: denuc-predict --tau {tau:.2f}")
+                         f"The same on the command line: denuc-predict --tau {tau:.2f}")
 
     # -------------------------------------------------------------- run
     def _region(self, image_layer):
@@ -2004,7 +2004,7 @@ class DenucWidget(QWidget):
         if head and Path(head).is_file():
             self.set_head(head)
         tau = state.get("tau")
-        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to this site: the next detection uses it too
+        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to a corrected view: the next detection uses it too
             self._tau_shown[L.token_of(lyr)] = float(tau)
             self._tau_restored = True
             self._show_tau(tau)
