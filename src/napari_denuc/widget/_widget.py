@@ -192,6 +192,7 @@ class DenucWidget(QWidget):
         self._docked = False
         self._retired = False  # closed from the window: another widget may own the layers now
         self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
+        self._clipboard = None  # (row/col positions, class names) of the nuclei Ctrl+C copied
         self.features_memo = session.FeatureMemo()
 
         self._relay = _Relay()
@@ -1638,7 +1639,7 @@ class DenucWidget(QWidget):
     def paste(self, lyr=None):
         """Ctrl+V: add the copied nuclei at their places with their classes, as the user's nuclei; one undo step."""
         lyr = self._resolve(lyr)
-        clip = getattr(self, "_clipboard", None)
+        clip = self._clipboard
         if lyr is None or clip is None or not len(clip[0]):
             return
         data, classes = clip
