@@ -49,6 +49,8 @@ RECIPES = {
     "shipped": {**_SCRATCH, "epochs": 100, "eval_every": 20, "warmup_epochs": 2},
     # the same with the stain / blur / JPEG / scale augmentation for other hospitals, at full budget
     "shipped-travel": {**_SCRATCH, "epochs": 100, "eval_every": 20, "warmup_epochs": 2, "augment": {"preset": "travel"}},
+    # the same at twice the budget: is the bundled recipe still learning at 100 epochs?
+    "shipped-travel-200": {**_SCRATCH, "epochs": 200, "eval_every": 40, "warmup_epochs": 2, "augment": {"preset": "travel"}},
     "scratch-x1_0": _SCRATCH,
     "scratch-x1_0-travel": {**_SCRATCH, "augment": {"preset": "travel"}},
     "lite0": _LITE0,
