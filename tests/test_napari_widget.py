@@ -1023,3 +1023,42 @@ def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer
     shutil.copy(saved, env["tmp"] / "other.png.denuc.json")
     viewer.open(str(other))
     assert [x.name for x in viewer.layers if x.__class__.__name__ == "Points"].count("other nuclei") == 1
+
+
+def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_viewer, qtbot, env, sample_image, monkeypatch):
+    """Project folder… chosen after correcting: the layer's corrections move there, and the next
+    session looks there first (before, it looked next to the image and restored nothing)."""
+    from qtpy.QtWidgets import QPushButton
+
+    from napari_denuc.widget import _widget
+
+    png = png_of(sample_image, env["tmp"])
+    project = env["tmp"] / "project"
+    project.mkdir()
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    monkeypatch.setattr(_widget.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
+    qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Project folder…"), Qt.LeftButton)
+    lyr.selected_data = {1}
+    w.set_class_of_selected("stromal")
+    wait_saved(qtbot, w)
+    files = list((project / "corrections").glob("*.denuc.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["source"].count("edited") == 2
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.project_dir == project
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None and (lyr2.features["source"].astype(str) == "edited").sum() == 2, w2.status.text()
+    # an image corrected before any project folder was chosen is still found next to the image
+    older = env["tmp"] / "older.png"
+    older.write_bytes(png.read_bytes())
+    (env["tmp"] / "older.png.denuc.json").write_text(files[0].read_text())  # same pixels, so the same key
+    viewer2.open(str(older))
+    lyr3 = w2.points_layer()
+    assert lyr3 is not None and lyr3.name == "older nuclei" and (lyr3.features["source"].astype(str) == "edited").sum() == 2

@@ -164,7 +164,7 @@ class DenucWidget(QWidget):
         self.detector_path = None  # None: bundled
         self.encoder_name = None  # None: the library's default
         self.head_path = None  # None: the pipeline's default head
-        self.project_dir = None  # None: next to the image, else $DENUC_HOME
+        self.project_dir = session.load_project_dir()  # None: next to the image, else $DENUC_HOME
         self.extra_classes: list[str] = []
         self.timings: dict[str, float] = {}
         self.last_summary = ""
@@ -764,8 +764,30 @@ class DenucWidget(QWidget):
     def _choose_project(self):
         d = QFileDialog.getExistingDirectory(self, "Project folder (corrections and heads)")
         if d:
-            self.project_dir = Path(d)
-            self._set_status(f"Corrections and heads go to {d}")
+            self.set_project_dir(d)
+
+    def set_project_dir(self, folder):
+        """Keep corrections and heads in ``folder`` from now on, in later sessions too.
+
+        Open layers move their corrections there at once (a later session looks there first);
+        an open image without nuclei gets the corrections the folder holds for it.
+        """
+        self.project_dir = Path(folder)
+        try:
+            session.save_project_dir(self.project_dir)
+        except OSError as exc:
+            show_warning(f"could not remember the project folder for the next session: {exc}")
+        for lyr in self.viewer.layers:
+            token = L.token_of(lyr)
+            info = self._infos.get(token)
+            if info is not None:
+                img = next((i for i in self._image_layers() if i.name == info["image"]), None)
+                store = self._store_image_path(img) if img is not None else None
+                info["path"] = session.corrections_path(info["image"], info["key"], store, self.project_dir)
+                self._save_token(token, lyr)
+        for img in self._image_layers():
+            self._maybe_restore(img)
+        self._set_status(f"Corrections and heads go to {folder}")
 
     # ------------------------------------------------------------ classes
     def class_names(self) -> tuple[str, ...]:
@@ -1990,8 +2012,12 @@ class DenucWidget(QWidget):
             key = self._image_key(image_layer)
         except Exception:  # noqa: BLE001 (an unreadable image simply has nothing to restore)
             return None
-        path = session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir)
+        store = self._store_image_path(image_layer)
+        path = session.corrections_path(image_layer.name, key, store, self.project_dir)
         state = session.load_corrections(path, key)
+        if state is None and self.project_dir is not None:  # saved before a project folder was chosen
+            path = session.corrections_path(image_layer.name, key, store, None)
+            state = session.load_corrections(path, key)
         if state is None or (not state.get("xy") and not state.get("tombstones")):
             return None
         det, source, reviewed = session.state_to_detections_and_flags(state)
