@@ -1062,3 +1062,50 @@ def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_view
     viewer2.open(str(older))
     lyr3 = w2.points_layer()
     assert lyr3 is not None and lyr3.name == "older nuclei" and (lyr3.features["source"].astype(str) == "edited").sum() == 2
+
+
+def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """The next day the saved head no longer fits the encoder (a plugin update changed the bundled
+    detector, or another encoder is chosen): the widget must still load, with the default head and a
+    clear warning, instead of failing every run with the head's error."""
+    from napari_fakes import FakeEncoder, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.io.naming import sidecar_path
+    from napari_denuc.widget import _widget
+
+    def factory(detector=None, encoder=None, head=None):  # like Pipeline.from_defaults: a head file is checked
+        lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
+        return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
+
+    monkeypatch.setattr(_widget, "make_pipeline", factory)
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    w.answer_retrain(True)
+    head = w.head_path
+    wait_saved(qtbot, w)
+    viewer.close()
+    side = sidecar_path(head)  # the plugin update: that head's encoder is gone
+    meta = json.loads(side.read_text())
+    meta["encoder_id"] = "fake-before-the-update"
+    side.write_text(json.dumps(meta))
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.pipeline is not None and w2.pipeline.head is not None and w2.head_path is None
+    assert "fake-before-the-update" in w2.status.text() and "default head" in w2.status.text(), w2.status.text()
+    lyr2 = detect(qtbot, w2)
+    assert (lyr2.features["source"].astype(str) == "edited").sum() == 3, w2.status.text()
+    # the same corrections on an image opened once the models are in: the head in use stays
+    other = env["tmp"] / "other.png"
+    other.write_bytes(png.read_bytes())
+    (env["tmp"] / "other.png.denuc.json").write_text((env["tmp"] / "my tile.png.denuc.json").read_text())
+    viewer2.open(str(other))
+    assert w2.points_layer() is not None and w2.head_path is None and w2.head_label.text() == "bundled"

@@ -193,6 +193,7 @@ class DenucWidget(QWidget):
         self._retired = False  # closed from the window: another widget may own the layers now
         self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
         self._clipboard = None  # (row/col positions, class names) of the nuclei Ctrl+C copied
+        self._head_note = ""  # why the chosen head could not be used, shown once the models are in
         self.features_memo = session.FeatureMemo()
 
         self._relay = _Relay()
@@ -474,6 +475,10 @@ class DenucWidget(QWidget):
         """Show the loaded models and, unless the user set them, the detector's threshold and NMS radius."""
         if pipe is None:
             return
+        if self._head_note:  # once: the chosen head did not fit and the default one is in use
+            note, self._head_note = self._head_note, ""
+            show_warning(note)
+            self._set_status(note)
         if not self._params_from_user:
             self._setting_params = True
             try:
@@ -703,10 +708,11 @@ class DenucWidget(QWidget):
 
     def _on_preloaded(self, pipe):
         self._end_loading()
+        note = self._head_note
         self._show_pipeline(pipe)
         if not self.is_busy():
             ready = f"Models ready (loaded in {self.timings.get('pipeline_load_s', 0):.1f} s)."
-            self._set_status(f"{self._restored_note} {ready}" if self._restored_note else ready)
+            self._set_status(" ".join(t for t in (self._restored_note, ready, note) if t))
 
     def _on_preload_failed(self, exc):
         self._end_loading()
@@ -718,7 +724,16 @@ class DenucWidget(QWidget):
         with self._pipeline_lock:
             if self.pipeline is None:
                 t0 = time.perf_counter()
-                self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=self.head_path)
+                try:
+                    self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=self.head_path)
+                except DenucError as exc:
+                    if self.head_path is None:
+                        raise
+                    # e.g. a head restored with yesterday's corrections, made for an encoder an update replaced:
+                    # the default head keeps the widget usable; the corrections stay to retrain from
+                    self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=None)
+                    self.head_path = None
+                    self._head_note = f"{exc}. Using the default head; your corrections are kept (Retrain head makes a new one)."
                 self.timings["pipeline_load_s"] = time.perf_counter() - t0
             return self.pipeline
 
@@ -746,8 +761,6 @@ class DenucWidget(QWidget):
 
     def set_head(self, path, head=None):
         """Use the head at ``path`` (loaded with the current encoder unless ``head`` is given)."""
-        self.head_path = None if path is None else str(path)
-        self.head_label.setText(Path(path).name if path else "default")
         with self._pipeline_lock:
             if self.pipeline is not None:
                 if head is None and path is not None:
@@ -755,10 +768,12 @@ class DenucWidget(QWidget):
 
                     try:
                         head = LinearHead.load(path, encoder=self.pipeline.encoder)
-                    except DenucError as exc:
+                    except DenucError as exc:  # the head in use stays, and so does its name
                         show_error(str(exc))
                         return
                 self.pipeline.head = head
+        self.head_path = None if path is None else str(path)
+        self.head_label.setText(Path(path).name if path else "default")
         self._sync_classes()
 
     def _choose_project(self):
