@@ -2,7 +2,7 @@
 
 ``loso_heads.py`` scores end to end with the bundled detector, which trained on all three sites,
 so its end-to-end figure is optimistic. Here each held-out site's points come from the detector
-of the same fold (``loso_detector.py train --recipe shipped --holdout SITE``: trained on the other
+of the same fold (``loso_detector.py train --recipe shipped-travel --holdout SITE``: trained on the other
 two sites only), and the head is trained on the other two sites as in ``loso_heads.py``. Nothing
 in the figure saw the held-out site except the ``lite`` encoder's detector neck (bundled).
 
