@@ -2,15 +2,15 @@
 
 ``loso_heads.py`` scores end to end with the bundled detector, which trained on all three sites,
 so its end-to-end figure is optimistic. Here each held-out site's points come from the detector
-of the same fold (``loso_detector.py train --recipe shipped --holdout SITE``: trained on the other
+of the same fold (``loso_detector.py train --recipe shipped-travel --holdout SITE``: trained on the other
 two sites only), and the head is trained on the other two sites as in ``loso_heads.py``. Nothing
 in the figure saw the held-out site except the ``lite`` encoder's detector neck (bundled).
 
     # 1. candidates (score >= 0.1) of each fold's detector on its held-out tiles, and the encoder
     #    features there (resumable: one file per tile)
-    python training/loso_end_to_end.py features --config eff0@0.5 --config lite [--folds runs/loso_long/shipped]
+    python training/loso_end_to_end.py features --config eff0@0.5 --config lite [--folds runs/loso_long/shipped-travel]
     # 2. f_avg and detection F1 across thresholds; a threshold per tile (oracle, rules); tau fitted to corrected tiles
-    python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--shipped-tau 0.55] [--json OUT]
+    python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--shipped-tau T] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from loso_heads import RADIUS_UM, RUNS, build_encoder, fit_head, load_features, 
 
 from napari_denuc.retrain import prior_sample  # noqa: E402
 
+TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
 def cache_dir(folds: Path) -> Path:
     """Candidates and features of one recipe's fold detectors (``runs/loso/fold_detections/<recipe>``)."""
     return RUNS / "fold_detections" / folds.name
-TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
 def fold_candidates(samples, folds: Path):
@@ -158,12 +158,10 @@ def fitted_tau_within_tile(tiles, cands, shipped: float, min_nuclei: int = 30) -
     fitted, start = 0, 0
     for s in tiles:
         xy, sc = cands[s.name]
-        h, w = s.image.shape[:2]
+        half = np.array(s.image.shape[1::-1]) / 2  # (w/2, h/2)
         r = RADIUS_UM / s.mpp
-        for qx, qy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-            def inside(p):
-                return ((p[:, 0] >= qx * w / 2) & (p[:, 0] < (qx + 1) * w / 2) & (p[:, 1] >= qy * h / 2) & (p[:, 1] < (qy + 1) * h / 2))
-            view, truth = inside(xy), inside(s.points)
+        for q in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            view, truth = (np.all((p // half) == q, axis=1) for p in (xy, s.points))
             if truth.sum() < min_nuclei:
                 continue
             tau = best_tau(threshold_counts(xy[view], sc[view], s.points[truth], r), current=shipped)
@@ -241,11 +239,15 @@ def main():
     ap.add_argument("what", choices=["features", "score"])
     ap.add_argument("--config", action="append", required=True)
     ap.add_argument("--root", default="../shared/data/brca_m2c")
-    ap.add_argument("--folds", type=Path, default=Path("runs/loso_long/shipped"), help="<folds>/<site>/best.safetensors")
+    ap.add_argument("--folds", type=Path, default=Path("runs/loso_long/shipped-travel"), help="<folds>/<site>/best.safetensors (the bundled recipe)")
     ap.add_argument("--context-um", type=float, default=40.0)
     ap.add_argument("--json")
-    ap.add_argument("--shipped-tau", type=float, default=0.55, help="the threshold a fitted tau starts from and is compared with")
+    ap.add_argument("--shipped-tau", type=float, help="the threshold a fitted tau starts from and is compared with (default: the bundled detector's)")
     a = ap.parse_args()
+    if a.shipped_tau is None:
+        from napari_denuc.detection.checkpoint import load_detector
+
+        a.shipped_tau = load_detector(None).tau
     for c in a.config:
         if a.what == "features":
             features(c, a.root, a.folds)
