@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,172 @@ def test_end_to_end(qtbot, make_napari_viewer, env):
     w.import_points(out, mode="replace")
     np.testing.assert_allclose(lyr.data, data, atol=1e-3)
     np.testing.assert_array_equal(lyr.features["class"].astype(str).to_numpy(), classes)
+
+
+MONUSEG_TIF = "/work/shared/data/monuseg_subset/TCGA-21-5784-01Z-00-DX1.tif"
+
+
+def _tiff_like_monuseg(folder):
+    """A MoNuSeg tile (0.2527 µm/px in its TIFF tags) copied to a writable folder, else the sample
+    upsampled to 0.25 µm/px and written with the same kind of tags (resolution unit centimetre)."""
+    import shutil
+    from pathlib import Path
+
+    import tifffile
+
+    out = folder / "monuseg tile.tif"
+    if Path(MONUSEG_TIF).is_file():
+        shutil.copy(MONUSEG_TIF, out)
+        return out, 0.2527
+    from napari_denuc._sample_data import make_sample_data
+
+    up = np.repeat(np.repeat(make_sample_data()[0][0], 2, 0), 2, 1)
+    tifffile.imwrite(out, up, photometric="rgb", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    return out, 0.25
+
+
+def test_first_hour_with_own_files(qtbot, make_napari_viewer, env, monkeypatch):
+    """A pathologist's own files through Plugins > DeNuC with the real models: a PNG (no mpp), a
+    TIFF with mpp tags, a pyramidal slide; threshold keys, Fit to view, undo/redo keys, retrain
+    and keep, Export… to QuPath GeoJSON, close napari, next day: everything back, run on the view."""
+    reason = _bundled_models_missing()
+    if reason:
+        pytest.skip(reason)
+    import json
+
+    from napari_fakes import User
+    from PIL import Image
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QPushButton
+
+    from napari_denuc._sample_data import make_sample_data
+    from napari_denuc.widget import _widget
+    from napari_denuc.widget import layer as L
+
+    png = env / "case 7.png"
+    Image.fromarray(make_sample_data()[0][0]).save(png)  # a BRCA-M2C tile as the user's PNG: no resolution
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    _, w = viewer.window.add_plugin_dock_widget("napari-denuc", "DeNuC")
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=120000)
+    if w.pipeline.head is None:
+        pytest.skip("the bundled head is not in the package yet")
+    assert "assumed" in w.mpp_note.text() and w.mpp_spin.value() == pytest.approx(0.5)
+    user = User(viewer, qtbot)
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    lyr = w.points_layer()
+    assert lyr is not None and lyr.name == "case 7 nuclei", w.status.text()
+    token = L.token_of(lyr)
+    cands = w._candidates[token]
+
+    # τ with the arrow keys: the nuclei follow at once, the box shows the τ they are at
+    tau0 = round(w.tau_spin.value(), 2)
+    w.tau_spin.setFocus()
+    qtbot.keyClick(w.tau_spin, Qt.Key_Down)
+    qtbot.keyClick(w.tau_spin, Qt.Key_Down)
+    assert w.tau_spin.value() == pytest.approx(tau0 - 0.1)
+    assert len(lyr.data) == cands.count(round(tau0 - 0.1, 2))
+
+    # correct with the mouse and keys: relabel (key 2), add (current class), delete (Delete key)
+    names = L.class_names(lyr)
+    relabel = lyr.data[3].copy()
+    user.select(lyr, relabel)
+    user.key(Qt.Key_2)
+    w.class_combo.setCurrentText(names[0])
+    user.add_at(lyr, (6.0, 6.0))
+    user.select(lyr, lyr.data[10].copy())
+    user.key(Qt.Key_Delete)
+    n_edit = int((lyr.features["source"].astype(str) == "edited").sum())
+    assert n_edit == 2 and len(lyr.metadata["denuc"]["tombstones"]) == 1
+    # undo / redo with the keys: the delete comes and goes
+    n = len(lyr.data)
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    assert len(lyr.data) == n + 1
+    user.key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    assert len(lyr.data) == n
+
+    # Fit to view over the whole tile (corrected above): τ moves to the best fit or stays, with a reason
+    viewer.reset_view()
+    qtbot.wait(50)
+    qtbot.mouseClick(w.fit_tau_btn, Qt.LeftButton)
+    assert w.status.text().startswith("τ "), w.status.text()
+    tau_fit = round(w.tau_spin.value(), 2)
+    assert w.tau_count.text().startswith(f"{cands.count(tau_fit)} kept")
+    model = (lyr.features["source"].astype(str) == "model").to_numpy()
+    assert (lyr.features["score"].to_numpy()[model] > tau_fit).all()  # re-thresholded at the fitted τ
+
+    # retrain, see before/after, keep
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    assert w.pending_retrain is not None and "would change class" in w.retrain_report.text(), w.status.text()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    head_path = w.head_path
+    assert head_path and Path(head_path).is_file()
+
+    # Export… (the button and its file dialog) to QuPath GeoJSON; check it as QuPath reads it
+    out = env / "case 7.geojson"
+    monkeypatch.setattr(_widget.QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(env / "case 7"), "QuPath GeoJSON (*.geojson)")))
+    export = next(b for b in w.findChildren(QPushButton) if b.text() == "Export…")
+    qtbot.mouseClick(export, Qt.LeftButton)
+    gj = json.loads(out.read_text())  # the name typed without a suffix got the chosen format's
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(lyr.data)
+    assert {f["geometry"]["type"] for f in gj["features"]} == {"Point"}
+    assert {f["properties"]["classification"]["name"] for f in gj["features"]} <= set(names)
+    xy = np.array([f["geometry"]["coordinates"] for f in gj["features"]])
+    np.testing.assert_allclose(np.sort(xy, 0), np.sort(lyr.data[:, ::-1] + 0.5, 0), atol=1e-3)  # QuPath: pixel centres at +0.5
+
+    # the last edit, then napari closes at once (no time for the debounced autosave)
+    user.select(lyr, lyr.data[20].copy())
+    user.key(Qt.Key_1)
+    data, cls = lyr.data.copy(), lyr.features["class"].astype(str).to_numpy().copy()
+    viewer.close()
+    assert (env / "case 7.png.denuc.json").is_file()  # next to the user's image
+
+    # the next day: same file, the widget from the menu: nuclei, classes, τ and head are back
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    _, w = viewer.window.add_plugin_dock_widget("napari-denuc", "DeNuC")
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=120000)
+    lyr = w.points_layer()
+    assert lyr is not None and w.status.text().startswith("Restored"), w.status.text()
+    np.testing.assert_allclose(lyr.data, data, atol=1e-3)
+    np.testing.assert_array_equal(lyr.features["class"].astype(str).to_numpy(), cls)
+    assert w.tau_spin.value() == pytest.approx(tau_fit) and w.head_path == head_path
+    # run on the field of view only: the view's model nuclei are re-detected, the user's stay
+    user = User(viewer, qtbot)
+    user.look_at((500.0, 500.0), zoom=3.0)
+    w.scope_combo.setCurrentText("Current field of view")
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    assert "Kept your" in w.status.text() and "1 deleted nuclei stay deleted" in w.status.text(), w.status.text()
+    region = w._candidates[L.token_of(lyr)].region
+    assert region is not None and region[2] - region[0] < 1000
+    assert (lyr.features["source"].astype(str) == "edited").sum() == n_edit + 1
+
+    # a second image in the same session: a TIFF whose tags give the resolution
+    n_first = len(lyr.data)
+    tif, mpp = _tiff_like_monuseg(env)
+    viewer.open(str(tif))
+    assert w.image_combo.currentText() == "monuseg tile" and w.mpp_spin.value() == pytest.approx(mpp, abs=1e-4)
+    assert w.mpp_note.text() == "from the image"
+    w.scope_combo.setCurrentText("Whole image")
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    lyr2 = w.points_layer()
+    assert lyr2 is not None and lyr2.name == "monuseg tile nuclei" and len(lyr2.data) > 50, w.status.text()
+    assert L.token_of(lyr2) != L.token_of(lyr) and len(lyr.data) == n_first  # the first image's nuclei untouched
+
+    # and a pyramidal slide, opened with the plugin's reader (napari asks which reader; the user picks DeNuC)
+    from napari_denuc.wsi.synthetic import make_test_slide
+
+    slide = env / "slide.tif"
+    make_test_slide(slide, 1024, mpp=0.25, seed=2)
+    viewer.open(str(slide), plugin="napari-denuc")
+    assert w.image_combo.currentText() == viewer.layers[-1].name and viewer.layers[-1].multiscale
+    assert w.mpp_spin.value() == pytest.approx(0.25)
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    lyr3 = w.points_layer()
+    assert lyr3 is not None and len(lyr3.data) > 10, w.status.text()
+    assert (lyr3.data >= -0.5).all() and (lyr3.data <= 1023.5).all()  # level-0 pixels

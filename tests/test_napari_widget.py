@@ -778,3 +778,334 @@ def test_retrain_skips_corrections_outside_the_image(opened, qtbot):
     assert w.pending_retrain is not None, w.status.text()
     assert w.last_result.n_examples == 1  # only the nucleus on the image
     assert "Skipped 1 corrected nuclei outside the image" in w.retrain_report.text()
+
+
+# ------------------------------------------------------------------------- a user's own files (audit)
+def png_of(sample_image, folder):
+    """The sample tile as the user's own PNG (no resolution in the file), in a writable folder."""
+    from PIL import Image
+
+    path = folder / "my tile.png"
+    Image.fromarray(sample_image).save(path)
+    return path
+
+
+def test_resolution_the_user_set_stays_and_comes_back(make_napari_viewer, qtbot, env, sample_image):
+    """A PNG states no mpp: the value the user types must survive new layers and a restart."""
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    assert w.mpp_spin.value() == pytest.approx(0.5) and "assumed" in w.mpp_note.text()
+    w.mpp_spin.setValue(0.45)
+    lyr = detect(qtbot, w)  # the new points layer must not reset the resolution to the assumed 0.5
+    assert w.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w.mpp_note.text()
+    viewer.add_shapes([np.array([[0, 0], [0, 50], [50, 50]])], shape_type="polygon", name="roi")
+    assert w.mpp_spin.value() == pytest.approx(0.45)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    wait_saved(qtbot, w)
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.points_layer() is not None
+    assert w2.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w2.mpp_note.text()
+    assert w2.status.text().startswith("Restored"), w2.status.text()  # not hidden by "Models ready"
+    # τ moved before any detection in this session: nothing is cached yet, so say when it applies
+    w2.tau_spin.setValue(0.8)
+    assert "next Detect & classify" in w2.status.text(), w2.status.text()
+    lyr2 = detect(qtbot, w2)
+    model = (lyr2.features["source"].astype(str) == "model").to_numpy()
+    assert model.any() and (lyr2.features["score"].to_numpy()[model] > 0.8).all()
+
+
+def test_tau_control_shows_the_threshold_in_use_after_key_steps(opened, qtbot):
+    """Arrow keys on τ: each step re-thresholds, and the box shows the τ the nuclei are at."""
+    _, w = opened
+    lyr = detect(qtbot, w)
+    c = w._candidates[L_token(lyr)]
+    tau0 = round(w.tau_spin.value(), 2)
+    w.tau_spin.setFocus()
+    for k, key in enumerate((Qt.Key_Down, Qt.Key_Down, Qt.Key_Down)):
+        qtbot.keyClick(w.tau_spin, key)
+        tau = round(tau0 - 0.05 * (k + 1), 2)
+        assert w.tau_spin.value() == pytest.approx(tau)
+        assert len(lyr.data) == c.count(tau) and w.status.text().startswith(f"τ = {tau:.2f}")
+    assert [a.label for a in w._history(lyr).undo_stack].count("threshold") == 1  # still one undo step
+    w.undo()
+    assert w.tau_spin.value() == pytest.approx(tau0) and len(lyr.data) == c.count(tau0)
+
+
+def test_renamed_layers_keep_their_nuclei_and_corrections(make_napari_viewer, qtbot, env, sample_image):
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.name = "my nuclei"  # the points layer renamed: still the widget's
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    image = viewer.layers["my tile"]
+    image.name = "case 12"  # the image renamed: the widget follows it
+    assert w.image_combo.currentText() == "case 12"
+    assert w.points_layer() is not None and L_token(w.points_layer()) == L_token(lyr)
+    lyr.selected_data = {1}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.run_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert [x.name for x in viewer.layers if x.__class__.__name__ == "Points"] == ["my nuclei"], w.status.text()
+    assert (lyr.features["source"].astype(str) == "edited").sum() == 2
+    wait_saved(qtbot, w)
+    state = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert state["source"].count("edited") == 2
+
+
+def test_cancel_during_retrain_offers_no_head(opened, qtbot, monkeypatch):
+    """Cancel pressed while the head trains: no Keep/Discard offer, no new head file left behind."""
+    import time as _time
+
+    from napari_denuc import retrain as R
+
+    real = R.retrain_head
+
+    def slow(*a, **k):
+        _time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "retrain_head", slow)
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.wait(200)
+    qtbot.mouseClick(w.cancel_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is None and not w.keep_btn.isVisible()
+    assert "Cancelled" in w.status.text()
+    heads = w.pipeline.head
+    assert not list((env_home(w) / "heads").glob("*.safetensors")) and w.pipeline.head is heads
+
+
+def env_home(w):
+    from napari_denuc.widget import session
+
+    return session.default_home()
+
+
+def test_deleted_points_layer_comes_back_on_the_next_detect(make_napari_viewer, qtbot, env, sample_image):
+    """The user deletes the nuclei layer (napari cannot undo that): the next Detect & classify
+    brings the saved corrections back instead of overwriting them with a fresh detection."""
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    # edit without leaving a selection drawn: napari 0.9.2 + vispy on Mesa llvmpipe segfaults when a
+    # points layer whose selection was drawn is removed and another layer is drawn (napari alone too)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    lyr.selected_data = {5}
+    lyr.remove_selected()
+    lyr.selected_data = set()
+    edited_xy = lyr.data[:3].copy()
+    viewer.layers.remove(lyr)
+    assert w.points_layer() is None
+    lyr = detect(qtbot, w)
+    assert "Kept your 3 reviewed or edited nuclei" in w.status.text() and "1 deleted nuclei stay deleted" in w.status.text()
+    edited = lyr.features["source"].astype(str).to_numpy() == "edited"
+    np.testing.assert_allclose(np.sort(lyr.data[edited], 0), np.sort(edited_xy, 0), atol=1e-3)
+    wait_saved(qtbot, w)
+    state = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert state["source"].count("edited") == 3 and len(state["tombstones"]) == 1
+
+
+def test_two_images_each_show_their_own_tau(opened, qtbot, sample_image):
+    """Switching between two images' nuclei in the layer list: τ shows the threshold of that layer."""
+    viewer, w = opened
+    a = detect(qtbot, w)
+    w.tau_spin.setValue(0.7)
+    viewer.add_image(sample_image[::-1].copy(), rgb=True, name="second", metadata={"mpp": 0.5})
+    w.image_combo.setCurrentText("second")
+    b = detect(qtbot, w)
+    assert L_token(b) != L_token(a)
+    w.tau_spin.setValue(0.6)
+    for lyr, tau in ((a, 0.7), (b, 0.6), (a, 0.7)):
+        viewer.layers.selection.active = lyr
+        assert w.tau_spin.value() == pytest.approx(tau)
+        c = w._candidates[L_token(lyr)]
+        assert len(lyr.data) == c.count(tau) and w.tau_count.text().startswith(f"{c.count(tau)} kept")
+
+
+def test_nucleus_added_after_selecting_one_is_the_users(opened, qtbot, gt):
+    """napari copies a selected point's features into the defaults for the next added point: a
+    nucleus added by a click right after selecting a model nucleus must still be the user's
+    (edited, reviewed, current class, own id, no inherited score or probabilities), and so must a
+    pasted copy of a model nucleus (it keeps its class)."""
+    from napari_fakes import User, empty_spots
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    f = lyr.features
+    i = int(np.flatnonzero((f["class"].astype(str) == "tumor").to_numpy() & (f["score"].to_numpy() < 1))[0])
+    w.class_combo.setCurrentText("lymphocyte")
+    user.select(lyr, lyr.data[i].copy())  # the user looks at a model tumour nucleus ...
+    assert lyr.selected_data == {i}
+    spot = empty_spots(gt[0], 1, seed=7)[0]
+    lyr.mode = "add"
+    user.click(spot)  # ... then adds the one the model missed
+    lyr.mode = "select"
+    f = lyr.features
+    new = len(lyr.data) - 1
+    np.testing.assert_allclose(lyr.data[new], spot, atol=0.6)
+    assert f["source"].iloc[new] == "edited" and f["reviewed"].iloc[new]
+    assert f["class"].iloc[new] == "lymphocyte" and f["score"].iloc[new] == 1.0
+    assert np.isnan(f["prob_tumor"].iloc[new]) and f["nid"].is_unique
+    # copy / paste a model nucleus: the copy is the user's too, with the class it was copied with
+    j = int(np.flatnonzero((f["source"].astype(str) == "model").to_numpy() & ~f["reviewed"].to_numpy())[3])
+    cls_j = f["class"].iloc[j]
+    user.select(lyr, lyr.data[j].copy())
+    user.key(Qt.Key_C, Qt.ControlModifier)
+    user.key(Qt.Key_V, Qt.ControlModifier)
+    f = lyr.features
+    assert len(f) == new + 2 and f["nid"].is_unique
+    assert f["source"].iloc[-1] == "edited" and f["reviewed"].iloc[-1] and f["class"].iloc[-1] == cls_j
+    np.testing.assert_allclose(lyr.data[-1], lyr.data[j])  # napari pastes in place in 2D
+    assert w._history(lyr).undo_stack[-1].label == "paste"  # one undo step, autosaved like any edit
+    assert L_token(lyr) in w._dirty or w._autosave_timer.isActive()
+    # both count as corrections: deleting them leaves no tombstone (nothing the model found)
+    lyr.selected_data = {new, len(f) - 1}
+    lyr.remove_selected()
+    assert not lyr.metadata["denuc"].get("tombstones")
+
+
+def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer, qtbot, env, sample_image):
+    """The dock's close button keeps the widget object alive (napari only unparents it). Reopened
+    from the menu, only the new widget may answer the layers: one restored layer per image, the
+    new widget's class for added nuclei, no ping-pong between the two."""
+    import shutil
+
+    from napari_fakes import User, empty_spots
+
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    dock, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=30000)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    w.class_combo.setCurrentText("tumor")
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    saved = env["tmp"] / "my tile.png.denuc.json"
+    assert json.loads(saved.read_text())["source"].count("edited") == 1  # saved when closed
+    n = len(lyr.data)
+    lyr.add(np.array([[30.0, 30.0]]))  # napari's add tool with the dock closed: still autosaved
+    qtbot.waitUntil(lambda: len(json.loads(saved.read_text())["xy"]) == n + 1, timeout=5000)
+    w2 = open_widget(viewer, qtbot)
+    assert w2 is not w and L_token(w2.points_layer()) == L_token(lyr)
+    w2.class_combo.setCurrentText("lymphocyte")
+    user = User(viewer, qtbot)
+    user.select(lyr, lyr.data[5].copy())
+    user.key(Qt.Key_3)
+    spot = empty_spots(np.asarray(lyr.data)[:, ::-1], 1, seed=3)[0]
+    lyr.mode = "add"
+    user.click(spot)
+    lyr.mode = "select"
+    assert lyr.features["class"].iloc[-1] == "lymphocyte"  # the open widget's class, not the closed one's
+    wait_saved(qtbot, w2)
+    assert json.loads(saved.read_text())["source"].count("edited") == 4
+    # the same pixels under another name with saved corrections: exactly one restored layer
+    other = env["tmp"] / "other.png"
+    shutil.copy(png, other)
+    shutil.copy(saved, env["tmp"] / "other.png.denuc.json")
+    viewer.open(str(other))
+    assert [x.name for x in viewer.layers if x.__class__.__name__ == "Points"].count("other nuclei") == 1
+
+
+def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_viewer, qtbot, env, sample_image, monkeypatch):
+    """Project folder… chosen after correcting: the layer's corrections move there, and the next
+    session looks there first (before, it looked next to the image and restored nothing)."""
+    from qtpy.QtWidgets import QPushButton
+
+    from napari_denuc.widget import _widget
+
+    png = png_of(sample_image, env["tmp"])
+    project = env["tmp"] / "project"
+    project.mkdir()
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0}
+    w.set_class_of_selected("stromal")
+    monkeypatch.setattr(_widget.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
+    qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Project folder…"), Qt.LeftButton)
+    lyr.selected_data = {1}
+    w.set_class_of_selected("stromal")
+    wait_saved(qtbot, w)
+    files = list((project / "corrections").glob("*.denuc.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["source"].count("edited") == 2
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.project_dir == project
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None and (lyr2.features["source"].astype(str) == "edited").sum() == 2, w2.status.text()
+    # an image corrected before any project folder was chosen is still found next to the image
+    older = env["tmp"] / "older.png"
+    older.write_bytes(png.read_bytes())
+    (env["tmp"] / "older.png.denuc.json").write_text(files[0].read_text())  # same pixels, so the same key
+    viewer2.open(str(older))
+    lyr3 = w2.points_layer()
+    assert lyr3 is not None and lyr3.name == "older nuclei" and (lyr3.features["source"].astype(str) == "edited").sum() == 2
+
+
+def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """The next day the saved head no longer fits the encoder (a plugin update changed the bundled
+    detector, or another encoder is chosen): the widget must still load, with the default head and a
+    clear warning, instead of failing every run with the head's error."""
+    from napari_fakes import FakeEncoder, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.io.naming import sidecar_path
+    from napari_denuc.widget import _widget
+
+    def factory(detector=None, encoder=None, head=None):  # like Pipeline.from_defaults: a head file is checked
+        lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
+        return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
+
+    monkeypatch.setattr(_widget, "make_pipeline", factory)
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    w = open_widget(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    w.retrain()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    w.answer_retrain(True)
+    head = w.head_path
+    wait_saved(qtbot, w)
+    viewer.close()
+    side = sidecar_path(head)  # the plugin update: that head's encoder is gone
+    meta = json.loads(side.read_text())
+    meta["encoder_id"] = "fake-before-the-update"
+    side.write_text(json.dumps(meta))
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.pipeline is not None and w2.pipeline.head is not None and w2.head_path is None
+    assert "fake-before-the-update" in w2.status.text() and "default head" in w2.status.text(), w2.status.text()
+    lyr2 = detect(qtbot, w2)
+    assert (lyr2.features["source"].astype(str) == "edited").sum() == 3, w2.status.text()
+    # the same corrections on an image opened once the models are in: the head in use stays
+    other = env["tmp"] / "other.png"
+    other.write_bytes(png.read_bytes())
+    (env["tmp"] / "other.png.denuc.json").write_text((env["tmp"] / "my tile.png.denuc.json").read_text())
+    viewer2.open(str(other))
+    assert w2.points_layer() is not None and w2.head_path is None and w2.head_label.text() == "bundled"

@@ -1,4 +1,4 @@
-"""npe2 whole-slide reader: lazy multiscale layer with its mpp; plain TIFFs left to napari."""
+"""npe2 whole-slide reader: lazy multiscale layer with its mpp; plain TIFFs as in-memory images with theirs."""
 
 import numpy as np
 import pytest
@@ -25,14 +25,22 @@ def test_manifest_declares_slide_reader():
     assert pats == [{"*.svs", "*.ndpi", "*.mrxs", "*.scn", "*.tif", "*.tiff"}]
 
 
-def test_plain_tiff_and_others_declined(tmp_path):
+def test_plain_tiff_opens_in_memory_with_its_mpp_others_declined(tmp_path):
+    """The user picked DeNuC in napari's reader choice for a plain tile: it opens (napari's own reader would too)."""
     import tifffile
 
-    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((64, 64, 3), np.uint8))
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "plain.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
     tifffile.imwrite(tmp_path / "tiled.tif", np.zeros((512, 512, 3), np.uint8), tile=(256, 256))  # tiled, one level
     (tmp_path / "x.png").write_bytes(b"")
-    for name in ("plain.tif", "tiled.tif", "x.png", "missing.svs"):
+    for name in ("x.png", "missing.svs"):
         assert _slide_reader.get_reader(str(tmp_path / name)) is None, name
+    (data, kw, kind), = _slide_reader.get_reader(str(tmp_path / "plain.tif"))(str(tmp_path / "plain.tif"))
+    np.testing.assert_array_equal(data, img)
+    assert kind == "image" and kw["rgb"] and not kw.get("multiscale")
+    assert kw["metadata"] == {"path": str(tmp_path / "plain.tif"), "mpp": pytest.approx(0.25)}
+    (data, kw, _), = _slide_reader.get_reader(str(tmp_path / "tiled.tif"))(str(tmp_path / "tiled.tif"))
+    assert data.shape == (512, 512, 3) and "mpp" not in kw["metadata"]
 
 
 def test_opens_lazily_with_mpp(slide):

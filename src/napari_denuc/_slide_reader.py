@@ -9,7 +9,10 @@ of the 2 s budget to first display, and napari slices the levels itself. The lay
 downsamples, which is what the widget needs to read features from the slide itself
 (``napari_denuc.wsi.slide_features.slide_features``).
 
-Plain (single-resolution) TIFFs are left to napari's own reader: ``get_reader`` returns None.
+Plain (single-resolution) TIFFs open as ordinary in-memory images with their mpp
+(:func:`read_plain_tiff`). napari asks the user which reader opens a ``.tif``; when DeNuC's
+declined plain TIFFs, picking DeNuC for a tile ended in napari's "Reader 'napari-denuc' ...
+refused the file", and a remembered choice refused every tile after it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ def _is_pyramidal_tiff(path: Path) -> bool:
         return False
 
 
+MAX_PLAIN_TIFF_PIXELS = 2**28  # 16384 x 16384: beyond, a single-resolution TIFF is a slide saved without a pyramid
+
+
 def get_reader(path):
-    """Return :func:`read_slide` for a whole slide, None for anything else (plain TIFFs included)."""
+    """:func:`read_slide` for a whole slide, :func:`read_plain_tiff` for a plain TIFF, None for anything else."""
     if isinstance(path, (list, tuple)):
         return read_slide if path and all(get_reader(p) is not None for p in path) else None
     p = Path(str(path))
@@ -43,8 +49,32 @@ def get_reader(path):
     if suffix not in SLIDE_SUFFIXES or not (p.is_file() or (suffix == ".mrxs" and p.exists())):
         return None
     if suffix in (".tif", ".tiff") and not _is_pyramidal_tiff(p):
-        return None
+        return read_plain_tiff
     return read_slide
+
+
+def read_plain_tiff(path) -> list[tuple]:
+    """Layer data tuples: a single-resolution TIFF as an RGB uint8 image, ``metadata["mpp"]`` from its tags."""
+    import tifffile
+
+    from .errors import DenucError
+    from .io.images import read_image
+
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    out = []
+    for p in paths:
+        p = Path(str(p))
+        with tifffile.TiffFile(p) as tif:
+            shape = tif.pages[0].shape
+        if len(shape) >= 2 and shape[0] * shape[1] > MAX_PLAIN_TIFF_PIXELS:
+            raise DenucError(
+                f"{p.name} is {shape[1]} x {shape[0]} px with no pyramid, too large to load whole; "
+                "save it as a pyramidal TIFF (QuPath or vips) and open that"
+            )
+        rgb, mpp = read_image(p)
+        meta = {"path": str(p)} | ({"mpp": float(mpp)} if mpp else {})
+        out.append((rgb, {"name": p.stem, "rgb": True, "metadata": meta}, "image"))
+    return out
 
 
 class LazyLevel:

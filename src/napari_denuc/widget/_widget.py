@@ -12,13 +12,14 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -61,6 +62,11 @@ KEYS_HELP = (
     "DeNuC keys: 1-9 set class · r reviewed · n / Shift+N next / previous doubtful nucleus · "
     "Ctrl+Z / Ctrl+Shift+Z undo / redo · Delete removes selected"
 )
+
+
+# token -> the widget that answers for that points layer: the newest one that adopted it. A widget
+# whose dock was closed keeps saving its layers until another widget adopts them.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def make_pipeline(detector=None, encoder=None, head=None):
@@ -158,7 +164,7 @@ class DenucWidget(QWidget):
         self.detector_path = None  # None: bundled
         self.encoder_name = None  # None: the library's default
         self.head_path = None  # None: the pipeline's default head
-        self.project_dir = None  # None: next to the image, else $DENUC_HOME
+        self.project_dir = session.load_project_dir()  # None: next to the image, else $DENUC_HOME
         self.extra_classes: list[str] = []
         self.timings: dict[str, float] = {}
         self.last_summary = ""
@@ -181,6 +187,13 @@ class DenucWidget(QWidget):
         self._setting_params = False
         self._napari_progress = None
         self._t_press = None
+        self._restored_note = ""  # "Restored N nuclei ..." stays visible when the models finish loading
+        self._shown_image = None  # the image whose settings the controls show
+        self._docked = False
+        self._retired = False  # closed from the window: another widget may own the layers now
+        self._mpp_user: dict[str, float] = {}  # image layer name -> the resolution the user typed
+        self._clipboard = None  # (row/col positions, class names) of the nuclei Ctrl+C copied
+        self._head_note = ""  # why the chosen head could not be used, shown once the models are in
         self.features_memo = session.FeatureMemo()
 
         self._relay = _Relay()
@@ -201,6 +214,7 @@ class DenucWidget(QWidget):
         self.viewer.layers.selection.events.changed.connect(self._on_selection_changed)
         self._refresh_image_choices()
         for lyr in list(self.viewer.layers):
+            lyr.events.name.connect(self._on_layer_renamed)
             if L.is_denuc_layer(lyr):
                 self._adopt_existing(lyr)
         for lyr in list(self.viewer.layers):
@@ -450,7 +464,10 @@ class DenucWidget(QWidget):
         if not self._setting_params:
             self._params_from_user = True
 
-    def _on_mpp_edited(self, _v):
+    def _on_mpp_edited(self, value):
+        img = self.image_layer()
+        if img is not None:  # kept for this image: new layers and restarts must not reset it
+            self._mpp_user[img.name] = float(value)
         self.mpp_note.setText("set by you")
         self._apply_marker_size()
 
@@ -458,6 +475,10 @@ class DenucWidget(QWidget):
         """Show the loaded models and, unless the user set them, the detector's threshold and NMS radius."""
         if pipe is None:
             return
+        if self._head_note:  # once: the chosen head did not fit and the default one is in use
+            note, self._head_note = self._head_note, ""
+            show_warning(note)
+            self._set_status(note)
         if not self._params_from_user:
             self._setting_params = True
             try:
@@ -508,10 +529,46 @@ class DenucWidget(QWidget):
     def _on_layer_inserted(self, event):
         self._refresh_image_choices()
         lyr = event.value
+        lyr.events.name.connect(self._on_layer_renamed)
         if L.is_denuc_layer(lyr) and L.token_of(lyr) not in self._infos:
             self._adopt_existing(lyr)
         self._maybe_restore(lyr)
         self._refresh_views()
+
+    def _on_layer_renamed(self, event=None):
+        """An image layer renamed in the layer list: its nuclei, autosave and resolution follow it.
+
+        The widget ties points layers to their image by name; the image is recognised under its
+        new name by its pixel array (the object the key cache holds).
+        """
+        images = self._image_layers()
+        names = {i.name for i in images}
+        renamed = {}
+        for old, (data, key) in list(self._keys.items()):
+            if old in names:
+                continue
+            new = next((i.name for i in images if i.data is data and i.name not in self._keys), None)
+            if new is not None:
+                renamed[old] = new
+                self._keys[new] = self._keys.pop(old)
+        if not renamed:
+            self._refresh_image_choices()
+            return
+        for old, new in renamed.items():
+            if old in self._mpp_user:
+                self._mpp_user[new] = self._mpp_user.pop(old)
+        for lyr in self.viewer.layers:
+            info = self._infos.get(L.token_of(lyr))
+            if info is not None and info["image"] in renamed:
+                info["image"] = renamed[info["image"]]
+                lyr.metadata["denuc"]["image"] = info["image"]
+        current = self.image_combo.currentText()
+        if current in renamed:
+            self.image_combo.blockSignals(True)
+            self.image_combo.addItem(renamed[current])
+            self.image_combo.setCurrentText(renamed[current])
+            self.image_combo.blockSignals(False)
+        self._refresh_image_choices()
 
     def _on_layer_removing(self, event):
         """Write the layer's corrections before it goes (closing the viewer removes layers too)."""
@@ -520,7 +577,7 @@ class DenucWidget(QWidget):
         except Exception:  # noqa: BLE001
             return
         token = L.token_of(lyr)
-        if token in self._infos:
+        if token in self._infos and _OWNERS.get(token) is self:
             self._flush_moves()
             self._save_token(token, lyr)
 
@@ -580,14 +637,24 @@ class DenucWidget(QWidget):
             self.mpp_note.setText("open an H&E image (File > Open, or File > Open Sample > DeNuC)")
             return
         mpp, assumed = self.image_mpp(lyr)
+        user = self._mpp_user.get(lyr.name)
         self.mpp_spin.blockSignals(True)
-        self.mpp_spin.setValue(mpp)
+        self.mpp_spin.setValue(mpp if user is None else user)
         self.mpp_spin.blockSignals(False)
-        self.mpp_note.setText(
-            f"assumed ({DEFAULT_MPP} µm/px, 20x): the file states no resolution; correct it if needed"
-            if assumed
-            else "from the image"
-        )
+        if user is not None:
+            self.mpp_note.setText("set by you")
+        else:
+            self.mpp_note.setText(
+                f"assumed ({DEFAULT_MPP} µm/px, 20x): the file states no resolution; correct it if needed"
+                if assumed
+                else "from the image"
+            )
+        if lyr.name != self._shown_image:  # another image: τ shows the threshold its nuclei are at
+            self._shown_image = lyr.name
+            pts = self.points_layer(lyr)
+            tau = self._tau_shown.get(L.token_of(pts)) if pts is not None else None
+            if tau is not None:
+                self._show_tau(tau)
         self._refresh_views()
 
     def points_layer(self, image_layer=None):
@@ -641,9 +708,11 @@ class DenucWidget(QWidget):
 
     def _on_preloaded(self, pipe):
         self._end_loading()
+        note = self._head_note
         self._show_pipeline(pipe)
         if not self.is_busy():
-            self._set_status(f"Models ready (loaded in {self.timings.get('pipeline_load_s', 0):.1f} s).")
+            ready = f"Models ready (loaded in {self.timings.get('pipeline_load_s', 0):.1f} s)."
+            self._set_status(" ".join(t for t in (self._restored_note, ready, note) if t))
 
     def _on_preload_failed(self, exc):
         self._end_loading()
@@ -655,7 +724,16 @@ class DenucWidget(QWidget):
         with self._pipeline_lock:
             if self.pipeline is None:
                 t0 = time.perf_counter()
-                self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=self.head_path)
+                try:
+                    self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=self.head_path)
+                except DenucError as exc:
+                    if self.head_path is None:
+                        raise
+                    # e.g. a head restored with yesterday's corrections, made for an encoder an update replaced:
+                    # the default head keeps the widget usable; the corrections stay to retrain from
+                    self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=None)
+                    self.head_path = None
+                    self._head_note = f"{exc}. Using the default head; your corrections are kept (Retrain head makes a new one)."
                 self.timings["pipeline_load_s"] = time.perf_counter() - t0
             return self.pipeline
 
@@ -683,8 +761,6 @@ class DenucWidget(QWidget):
 
     def set_head(self, path, head=None):
         """Use the head at ``path`` (loaded with the current encoder unless ``head`` is given)."""
-        self.head_path = None if path is None else str(path)
-        self.head_label.setText(Path(path).name if path else "default")
         with self._pipeline_lock:
             if self.pipeline is not None:
                 if head is None and path is not None:
@@ -692,17 +768,41 @@ class DenucWidget(QWidget):
 
                     try:
                         head = LinearHead.load(path, encoder=self.pipeline.encoder)
-                    except DenucError as exc:
+                    except DenucError as exc:  # the head in use stays, and so does its name
                         show_error(str(exc))
                         return
                 self.pipeline.head = head
+        self.head_path = None if path is None else str(path)
+        self.head_label.setText(Path(path).name if path else "default")
         self._sync_classes()
 
     def _choose_project(self):
         d = QFileDialog.getExistingDirectory(self, "Project folder (corrections and heads)")
         if d:
-            self.project_dir = Path(d)
-            self._set_status(f"Corrections and heads go to {d}")
+            self.set_project_dir(d)
+
+    def set_project_dir(self, folder):
+        """Keep corrections and heads in ``folder`` from now on, in later sessions too.
+
+        Open layers move their corrections there at once (a later session looks there first);
+        an open image without nuclei gets the corrections the folder holds for it.
+        """
+        self.project_dir = Path(folder)
+        try:
+            session.save_project_dir(self.project_dir)
+        except OSError as exc:
+            show_warning(f"could not remember the project folder for the next session: {exc}")
+        for lyr in self.viewer.layers:
+            token = L.token_of(lyr)
+            info = self._infos.get(token)
+            if info is not None:
+                img = next((i for i in self._image_layers() if i.name == info["image"]), None)
+                store = self._store_image_path(img) if img is not None else None
+                info["path"] = session.corrections_path(info["image"], info["key"], store, self.project_dir)
+                self._save_token(token, lyr)
+        for img in self._image_layers():
+            self._maybe_restore(img)
+        self._set_status(f"Corrections and heads go to {folder}")
 
     # ------------------------------------------------------------ classes
     def class_names(self) -> tuple[str, ...]:
@@ -866,6 +966,10 @@ class DenucWidget(QWidget):
         lyr = self._layer_by_token(L.token_of(event.source))
         if lyr is None:
             return
+        if self._retired:  # dock closed: napari's own edits are still saved, by the layer's owner only
+            if _OWNERS.get(L.token_of(lyr)) is self and not str(getattr(event, "action", "")).endswith("ing"):
+                self._mark_dirty(lyr)
+            return
         action = str(getattr(event, "action", ""))
         if action.endswith(("adding", "removing")):
             self._flush_moves()  # a move just before is its own action
@@ -874,6 +978,10 @@ class DenucWidget(QWidget):
             return
         self._normalise(lyr)
         if action.endswith("added"):
+            n = len(lyr.data)
+            rows = sorted({int(i) % n for i in (getattr(event, "data_indices", ()) or ()) if n and -n <= int(i) < n})
+            if rows:  # placed by hand: the user's, whatever napari copied into them from a selected nucleus
+                self._write(lyr, features=L.placed_by_hand(lyr.features, rows))
             self._record(lyr, "add")
         elif action.endswith("removed"):
             self._tombstone_removed(lyr)
@@ -1163,7 +1271,9 @@ class DenucWidget(QWidget):
         """Re-threshold the cached candidates of the current layer (no network run); undoable as one step."""
         lyr = self.points_layer()
         c = self._candidates.get(L.token_of(lyr)) if lyr is not None else None
-        if c is None:
+        if c is None:  # restored or imported nuclei: no detection cached in this session yet
+            if lyr is not None:
+                self._set_status(f"τ {tau:.2f} applies at the next Detect & classify (no detection cached for these nuclei yet).")
             return
         if tau < c.tau_floor - 1e-9:
             self._set_status(f"τ {tau:.2f} is below the cached {c.tau_floor:.2f}: press Detect & classify to search again.")
@@ -1184,6 +1294,7 @@ class DenucWidget(QWidget):
         self._write(lyr, data=d, features=f)
         self._record(lyr, "threshold", extra={"tau": (tau_before, tau)})
         self._tau_shown[L.token_of(lyr)] = tau
+        self._show_tau(tau)  # coalescing undid the previous step, which put its own τ back on the control
         self._set_status(f"τ = {tau:.2f}: {len(d)} nuclei.")
 
     def fit_tau_to_view(self):
@@ -1341,7 +1452,7 @@ class DenucWidget(QWidget):
             raise Cancelled()
         self._relay.progress.emit(int(done), int(max(total, 1)))
 
-    def _start_worker(self, fn, on_done, title):
+    def _start_worker(self, fn, on_done, title, on_cancelled=None):
         _load_native_libs_on_main_thread()
         self._cancel.clear()
         self.run_btn.setEnabled(False)
@@ -1360,6 +1471,12 @@ class DenucWidget(QWidget):
 
         def returned(result):
             ok, value = result
+            if self._retired:  # the dock was closed meanwhile: the layers answer to the open widget now
+                return
+            if ok and self._cancel.is_set():  # Cancel pressed after the last progress step: still cancelled
+                if on_cancelled is not None:
+                    on_cancelled(value)
+                ok, value = False, Cancelled()
             if not ok:
                 self._on_worker_error(value)
                 return
@@ -1413,7 +1530,7 @@ class DenucWidget(QWidget):
 
     def _new_layer(self, image_layer, det, *, source="model", reviewed=False, state=None):
         """Add an (empty or restored) DeNuC points layer for ``image_layer`` and start tracking it."""
-        mpp = float(self.mpp_spin.value()) if image_layer is self.image_layer() else self.image_mpp(image_layer)[0]
+        mpp = float(self.mpp_spin.value()) if image_layer is self.image_layer() else self._mpp_user.get(image_layer.name, self.image_mpp(image_layer)[0])
         kwargs = L.layer_kwargs(det, self._points_name(image_layer), source=source, reviewed=reviewed, mpp=mpp,
                                 extra_metadata={"image": image_layer.name})
         kwargs["size"] = L.point_size(mpp, float(self.size_spin.value()))
@@ -1436,6 +1553,8 @@ class DenucWidget(QWidget):
         if cands.features is not None:
             self.features_memo.put(key, cands.det.xy, cands.features)
         lyr = self.points_layer(image_layer)
+        if lyr is None:  # a deleted nuclei layer left its corrections on disk: merge into them, never over them
+            lyr = self._maybe_restore(image_layer)
         if lyr is None:
             empty = E.subset(cands.det, np.zeros(len(cands.det), bool))
             lyr = self._new_layer(image_layer, empty)
@@ -1491,6 +1610,7 @@ class DenucWidget(QWidget):
         if key is None:
             key = self._image_key(image_layer)
         token = L.token_of(lyr)
+        _OWNERS[token] = self
         lyr.metadata["denuc"]["image"] = image_layer.name
         self._infos[token] = {
             "image": image_layer.name,
@@ -1502,6 +1622,7 @@ class DenucWidget(QWidget):
         self._histories[token] = History(lyr)
         lyr.events.data.connect(self._on_data_event)
         lyr.events.mode.connect(self._on_mode_changed)
+        lyr.events.current_properties.connect(self._on_defaults_changed)
         for k in range(1, 10):
             lyr.bind_key(str(k), self._key_handler(k - 1), overwrite=True)
         lyr.bind_key("r", lambda layer: self.mark_selected_reviewed(layer), overwrite=True)
@@ -1509,6 +1630,9 @@ class DenucWidget(QWidget):
         lyr.bind_key("Shift-N", lambda layer: self.review_next(back=True, lyr=layer), overwrite=True)
         lyr.bind_key("Control-Z", lambda layer: self.undo(layer), overwrite=True)
         lyr.bind_key("Control-Shift-Z", lambda layer: self.redo(layer), overwrite=True)
+        # napari's own paste writes the points without a data event (no undo, no autosave, no flags)
+        lyr.bind_key("Control-C", lambda layer: self.copy_selected(layer), overwrite=True)
+        lyr.bind_key("Control-V", lambda layer: self.paste(layer), overwrite=True)
         lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self.class_combo.currentText() or None)
         lyr.help = KEYS_HELP
 
@@ -1523,6 +1647,56 @@ class DenucWidget(QWidget):
             with self._quiet():
                 lyr.features = f
         self._adopt(lyr, img)
+
+    def _on_defaults_changed(self, event):
+        """Selecting a point makes napari copy its features (id, score, source, class) into the
+        defaults of the next added point: put the widget's back (a new nucleus is the user's)."""
+        lyr = self._layer_by_token(L.token_of(event.source))
+        if lyr is None or not len(lyr.feature_defaults):
+            return
+        d = lyr.feature_defaults.iloc[0]
+        if d.get("nid", -1) == -1 and str(d.get("source", "")) == "edited" and str(d.get("class", "")) == self._new_class(lyr):
+            return  # already ours (this handler's own write lands here too)
+        lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self._new_class(lyr))
+
+    def _new_class(self, lyr) -> str:
+        names = L.class_names(lyr)
+        cur = self.class_combo.currentText()
+        return cur if cur in names else names[0]
+
+    def copy_selected(self, lyr=None):
+        """Ctrl+C on the points layer: remember the selected nuclei's positions and classes."""
+        lyr = self._resolve(lyr)
+        if lyr is None or not lyr.selected_data:
+            return
+        sel = sorted(int(i) for i in lyr.selected_data)
+        self._clipboard = (np.asarray(lyr.data)[sel].copy(), lyr.features["class"].astype(str).to_numpy()[sel].copy())
+        self._set_status(f"Copied {len(sel)} {'nucleus' if len(sel) == 1 else 'nuclei'} (Ctrl+V pastes).")
+
+    def paste(self, lyr=None):
+        """Ctrl+V: add the copied nuclei at their places with their classes, as the user's nuclei; one undo step."""
+        lyr = self._resolve(lyr)
+        clip = self._clipboard
+        if lyr is None or clip is None or not len(clip[0]):
+            return
+        data, classes = clip
+        self._flush_moves()
+        names = L.class_names(lyr)
+        n0 = len(lyr.data)
+        with self._quiet():
+            lyr.add(data)
+        rows = list(range(n0, len(lyr.data)))
+        self._normalise(lyr)
+        f = L.placed_by_hand(lyr.features, rows)
+        for name in set(classes):
+            if name in names:
+                f = L.with_class(f, [r for r, c in zip(rows, classes) if c == name], name)
+        self._write(lyr, features=f)
+        with self._quiet():
+            lyr.selected_data = set(rows)
+        lyr.feature_defaults = L.feature_defaults(names, self._new_class(lyr))
+        self._record(lyr, "paste")
+        self._set_status(f"Pasted {len(rows)} {'nucleus' if len(rows) == 1 else 'nuclei'}.")
 
     def _on_mode_changed(self, event):
         lyr = self._layer_by_token(L.token_of(event.source))
@@ -1662,7 +1836,7 @@ class DenucWidget(QWidget):
             self.progress_bar.setValue(100)
             self._set_status("Keep the new head or discard it (nothing has changed yet).")
 
-        self._start_worker(job, done, "Retraining the head")
+        self._start_worker(job, done, "Retraining the head", on_cancelled=lambda r: self._delete_head_files(r[0].path))
 
     @staticmethod
     def _retrain_summary(res, changed, n_open, n_sampled) -> str:
@@ -1695,11 +1869,7 @@ class DenucWidget(QWidget):
         res = p["result"]
         lyr = self._layer_by_token(p["token"])
         if not keep or lyr is None:
-            from ..io.naming import prior_path, sidecar_path
-
-            for q in (Path(res.path), sidecar_path(res.path), prior_path(res.path)):
-                with contextlib.suppress(OSError):
-                    q.unlink()
+            self._delete_head_files(res.path)
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
             self._set_status("New head discarded; your head and classes are unchanged.")
             return
@@ -1722,6 +1892,15 @@ class DenucWidget(QWidget):
         self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
         self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
         self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    @staticmethod
+    def _delete_head_files(path):
+        """Remove a head the user did not keep (weights, sidecar, prior sample)."""
+        from ..io.naming import prior_path, sidecar_path
+
+        for q in (Path(path), sidecar_path(path), prior_path(path)):
+            with contextlib.suppress(OSError):
+                q.unlink()
 
     # ------------------------------------------------------ import/export
     def export_points(self, path, lyr=None) -> Path:
@@ -1747,7 +1926,7 @@ class DenucWidget(QWidget):
         det = read_points(path)
         src = getattr(det, "source", None)
         rev = getattr(det, "reviewed", None)
-        lyr = self.points_layer(image_layer)
+        lyr = self.points_layer(image_layer) or self._maybe_restore(image_layer)  # a deleted layer's saved work
         if lyr is not None and len(lyr.data) and mode is None:
             mode = self._ask_import_mode(Path(path).name, len(lyr.data))
             if mode is None:
@@ -1794,7 +1973,9 @@ class DenucWidget(QWidget):
         return {rep: "replace", mer: "merge"}.get(box.clickedButton())
 
     def _export_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export nuclei", "", "QuPath GeoJSON (*.geojson);;CSV (*.csv)")
+        path, chosen = QFileDialog.getSaveFileName(self, "Export nuclei", "", "QuPath GeoJSON (*.geojson);;CSV (*.csv)")
+        if path and not Path(path).suffix:  # a name typed without one: QuPath recognises files by their suffix
+            path += ".csv" if chosen.startswith("CSV") else ".geojson"
         if path:
             try:
                 p = self.export_points(path)
@@ -1822,7 +2003,7 @@ class DenucWidget(QWidget):
     def _save_token(self, token, lyr):
         info = self._infos.get(token)
         self._dirty.discard(token)
-        if info is None:
+        if info is None or _OWNERS.get(token) is not self:  # another widget answers for it now
             return
         state = session.corrections_state(
             rc_to_xy(lyr.data) if len(lyr.data) else np.zeros((0, 2)),
@@ -1831,7 +2012,8 @@ class DenucWidget(QWidget):
             L.class_colors(lyr),
             info["key"],
             extra={"image": info["image"], "head": self.head_path, "tau": self._tau_shown.get(token),
-                   "tombstones": list(lyr.metadata["denuc"].get("tombstones") or [])},
+                   "tombstones": list(lyr.metadata["denuc"].get("tombstones") or []),
+                   "mpp_user": self._mpp_user.get(info["image"])},
         )
         try:
             session.save_corrections(info["path"], state)
@@ -1845,11 +2027,20 @@ class DenucWidget(QWidget):
             key = self._image_key(image_layer)
         except Exception:  # noqa: BLE001 (an unreadable image simply has nothing to restore)
             return None
-        path = session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir)
+        store = self._store_image_path(image_layer)
+        path = session.corrections_path(image_layer.name, key, store, self.project_dir)
         state = session.load_corrections(path, key)
+        if state is None and self.project_dir is not None:  # saved before a project folder was chosen
+            path = session.corrections_path(image_layer.name, key, store, None)
+            state = session.load_corrections(path, key)
         if state is None or (not state.get("xy") and not state.get("tombstones")):
             return None
         det, source, reviewed = session.state_to_detections_and_flags(state)
+        mpp_user = state.get("mpp_user")
+        if isinstance(mpp_user, (int, float)) and mpp_user > 0:  # the resolution the user typed for this image
+            self._mpp_user[image_layer.name] = float(mpp_user)
+            if self.image_layer() is not None and self.image_layer().name == image_layer.name:
+                self._on_image_changed(image_layer.name)
         lyr = self._new_layer(image_layer, det, source=source, reviewed=reviewed, state=state)
         head = state.get("head")
         if head and Path(head).is_file():
@@ -1861,10 +2052,51 @@ class DenucWidget(QWidget):
             self._show_tau(tau)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
-        self._set_status(f"Restored {len(det)} nuclei ({n_edit} edited) from {path}.")
+        self._restored_note = f"Restored {len(det)} nuclei ({n_edit} edited) from {path}."
+        self._set_status(self._restored_note)
         return lyr
 
     def closeEvent(self, event):  # Qt's name
         self.save_now()
         super().closeEvent(event)
+
+    def event(self, ev):  # Qt's name
+        # The dock's close button (napari's remove_dock_widget) only unparents this widget, which
+        # stays alive and connected; opened again from the menu, a second widget would answer the
+        # same layers (each resetting the other's defaults, both restoring the same corrections).
+        if ev.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._retire()
+        return super().event(ev)
+
+    def _retire(self):
+        """Save every layer's corrections, then stop answering the viewer and its layers, except
+        to keep saving napari's own edits to them until another widget adopts them."""
+        if self._retired:
+            return
+        self._flush_moves()
+        self._autosave_timer.stop()
+        for token in list(self._infos):
+            lyr = self._layer_by_token(token)
+            if lyr is not None:
+                self._save_token(token, lyr)
+        self._retired = True
+        self._cancel.set()
+        pairs = [
+            (self.viewer.layers.events.inserted, self._on_layer_inserted),
+            (self.viewer.layers.events.removed, self._on_layers_changed),
+            (self.viewer.layers.selection.events.changed, self._on_selection_changed),
+        ]
+        for lyr in self.viewer.layers:
+            pairs.append((lyr.events.name, self._on_layer_renamed))
+            if L.token_of(lyr) in self._infos:
+                pairs += [(lyr.events.mode, self._on_mode_changed), (lyr.events.current_properties, self._on_defaults_changed)]
+                for key in [str(k) for k in range(1, 10)] + ["r", "n", "Shift-N", "Control-Z", "Control-Shift-Z", "Control-C", "Control-V"]:
+                    with contextlib.suppress(Exception):  # napari's own bindings for these keys come back
+                        lyr.bind_key(key, None, overwrite=True)
+        for emitter, callback in pairs:
+            with contextlib.suppress(Exception):  # not connected: nothing to undo
+                emitter.disconnect(callback)
 

@@ -356,6 +356,22 @@ def with_class(features: pd.DataFrame, indices, class_name: str, *, edited=True)
     return f
 
 
+def placed_by_hand(features: pd.DataFrame, indices) -> pd.DataFrame:
+    """A copy of ``features`` where ``indices`` are nuclei the user placed (added or pasted):
+    edited and reviewed, with no model score or probabilities (a copied nucleus's belong to
+    another spot). Their class stays."""
+    f = with_flags(features, indices, edited=True)
+    idx = np.asarray(sorted(indices), dtype=np.int64)
+    if not len(idx):
+        return f
+    for col in [c for c in f.columns if c.startswith("prob_")] + ["score", "confidence"]:
+        if col in f:
+            v = np.asarray(f[col], dtype=np.float32).copy()
+            v[idx] = np.nan if col.startswith("prob_") else 1.0
+            f[col] = v
+    return f
+
+
 def with_flags(features: pd.DataFrame, indices, *, edited=None, reviewed=None) -> pd.DataFrame:
     idx = np.asarray(sorted(indices), dtype=np.int64)
     f = features.copy()

@@ -59,6 +59,23 @@ def corrections_path(image_name: str, key: str, image_path=None, project_dir=Non
     return base / "corrections" / f"{_safe(image_name)}-{key}.denuc.json"
 
 
+def _settings_path() -> Path:
+    return default_home() / "widget.json"
+
+
+def load_project_dir() -> Path | None:
+    """The project folder chosen in an earlier session, when it still exists."""
+    try:
+        d = json.loads(_settings_path().read_text(encoding="utf-8")).get("project_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+def save_project_dir(folder) -> None:
+    atomic_write(_settings_path(), json.dumps({"project_dir": str(folder) if folder else None}))
+
+
 def heads_dir(project_dir=None) -> Path:
     return (Path(project_dir) if project_dir is not None else default_home()) / "heads"
 
