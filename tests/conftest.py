@@ -23,3 +23,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "napari" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _private_denuc_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own $DENUC_HOME, unless it sets one: the widget remembers the project
+    folder there, and a test must neither read nor write the user's ~/.napari-denuc."""
+    if "DENUC_HOME" not in os.environ:
+        monkeypatch.setenv("DENUC_HOME", str(tmp_path_factory.mktemp("denuc_home")))
