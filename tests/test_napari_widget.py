@@ -790,12 +790,17 @@ def png_of(sample_image, folder):
     return path
 
 
-def test_resolution_the_user_set_stays_and_comes_back(make_napari_viewer, qtbot, env, sample_image):
-    """A PNG states no mpp: the value the user types must survive new layers and a restart."""
+def own_png_in_widget(make_napari_viewer, qtbot, env, sample_image):
+    """(png, viewer, widget): the user's PNG opened from disk in a new window, then Plugins > DeNuC."""
     png = png_of(sample_image, env["tmp"])
     viewer = make_napari_viewer(show=True)
     viewer.open(str(png))
-    w = open_widget(viewer, qtbot)
+    return png, viewer, open_widget(viewer, qtbot)
+
+
+def test_resolution_the_user_set_stays_and_comes_back(make_napari_viewer, qtbot, env, sample_image):
+    """A PNG states no mpp: the value the user types must survive new layers and a restart."""
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     assert w.mpp_spin.value() == pytest.approx(0.5) and "assumed" in w.mpp_note.text()
     w.mpp_spin.setValue(0.45)
     lyr = detect(qtbot, w)  # the new points layer must not reset the resolution to the assumed 0.5
@@ -838,10 +843,7 @@ def test_tau_control_shows_the_threshold_in_use_after_key_steps(opened, qtbot):
 
 
 def test_renamed_layers_keep_their_nuclei_and_corrections(make_napari_viewer, qtbot, env, sample_image):
-    png = png_of(sample_image, env["tmp"])
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(png))
-    w = open_widget(viewer, qtbot)
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     lyr = detect(qtbot, w)
     lyr.name = "my nuclei"  # the points layer renamed: still the widget's
     lyr.selected_data = {0}
@@ -866,6 +868,7 @@ def test_cancel_during_retrain_offers_no_head(opened, qtbot, monkeypatch):
     import time as _time
 
     from napari_denuc import retrain as R
+    from napari_denuc.widget import session
 
     real = R.retrain_head
 
@@ -885,22 +888,13 @@ def test_cancel_during_retrain_offers_no_head(opened, qtbot, monkeypatch):
     assert w.pending_retrain is None and not w.keep_btn.isVisible()
     assert "Cancelled" in w.status.text()
     heads = w.pipeline.head
-    assert not list((env_home(w) / "heads").glob("*.safetensors")) and w.pipeline.head is heads
-
-
-def env_home(w):
-    from napari_denuc.widget import session
-
-    return session.default_home()
+    assert not list((session.default_home() / "heads").glob("*.safetensors")) and w.pipeline.head is heads
 
 
 def test_deleted_points_layer_comes_back_on_the_next_detect(make_napari_viewer, qtbot, env, sample_image):
     """The user deletes the nuclei layer (napari cannot undo that): the next Detect & classify
     brings the saved corrections back instead of overwriting them with a fresh detection."""
-    png = png_of(sample_image, env["tmp"])
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(png))
-    w = open_widget(viewer, qtbot)
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     lyr = detect(qtbot, w)
     # edit without leaving a selection drawn: napari 0.9.2 + vispy on Mesa llvmpipe segfaults when a
     # points layer whose selection was drawn is removed and another layer is drawn (napari alone too)
@@ -1079,10 +1073,7 @@ def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari
         return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
 
     monkeypatch.setattr(_widget, "make_pipeline", factory)
-    png = png_of(sample_image, env["tmp"])
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(png))
-    w = open_widget(viewer, qtbot)
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     lyr = detect(qtbot, w)
     lyr.selected_data = {0, 1, 2}
     w.set_class_of_selected("stromal")

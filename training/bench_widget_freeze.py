@@ -18,8 +18,12 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_widget import _wait  # noqa: E402
 
 
 class Stalls:
@@ -62,14 +66,6 @@ def main(argv=None):
 
     app = QApplication.instance() or QApplication(sys.argv)
 
-    def wait(cond, timeout=600.0):
-        t0 = time.perf_counter()
-        while not cond():
-            app.processEvents()
-            time.sleep(0.002)
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError("step timed out")
-
     def settle(s=0.3):
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < s:
@@ -92,12 +88,12 @@ def main(argv=None):
     stalls.take()
     t0 = time.perf_counter()
     _, w = viewer.window.add_plugin_dock_widget("napari-denuc", "DeNuC")
-    wait(lambda: w.pipeline is not None and not w._loading)
+    _wait(app, lambda: w.pipeline is not None and not w._loading)
     step("open widget + load models (background)", t0)
 
     t0 = time.perf_counter()
     w.run_detection()
-    wait(lambda: not w.is_busy())
+    _wait(app, lambda: not w.is_busy())
     lyr = w.points_layer()
     step(f"Detect & classify ({len(lyr.data)} nuclei)", t0)
 
@@ -115,7 +111,7 @@ def main(argv=None):
     stalls.take()
     t0 = time.perf_counter()
     w.retrain()
-    wait(lambda: not w.is_busy())
+    _wait(app, lambda: not w.is_busy())
     step("Retrain head (3 new nuclei sampled)", t0)
 
     t0 = time.perf_counter()
@@ -130,7 +126,7 @@ def main(argv=None):
     w.run_detection()
     settle(0.5)
     w.cancel()
-    wait(lambda: not w.is_busy())
+    _wait(app, lambda: not w.is_busy())
     step("second detection, Cancel after 0.5 s", t0)
 
     if args.json:
