@@ -1623,16 +1623,8 @@ class DenucWidget(QWidget):
         lyr.events.data.connect(self._on_data_event)
         lyr.events.mode.connect(self._on_mode_changed)
         lyr.events.current_properties.connect(self._on_defaults_changed)
-        for k in range(1, 10):
-            lyr.bind_key(str(k), self._key_handler(k - 1), overwrite=True)
-        lyr.bind_key("r", lambda layer: self.mark_selected_reviewed(layer), overwrite=True)
-        lyr.bind_key("n", lambda layer: self.review_next(lyr=layer), overwrite=True)
-        lyr.bind_key("Shift-N", lambda layer: self.review_next(back=True, lyr=layer), overwrite=True)
-        lyr.bind_key("Control-Z", lambda layer: self.undo(layer), overwrite=True)
-        lyr.bind_key("Control-Shift-Z", lambda layer: self.redo(layer), overwrite=True)
-        # napari's own paste writes the points without a data event (no undo, no autosave, no flags)
-        lyr.bind_key("Control-C", lambda layer: self.copy_selected(layer), overwrite=True)
-        lyr.bind_key("Control-V", lambda layer: self.paste(layer), overwrite=True)
+        for key, handler in self._layer_keys().items():
+            lyr.bind_key(key, handler, overwrite=True)
         lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self.class_combo.currentText() or None)
         lyr.help = KEYS_HELP
 
@@ -1647,6 +1639,21 @@ class DenucWidget(QWidget):
             with self._quiet():
                 lyr.features = f
         self._adopt(lyr, img)
+
+    def _layer_keys(self) -> dict:
+        """The keys the widget binds on its points layers (unbound again when the dock closes)."""
+        keys = {str(k): self._key_handler(k - 1) for k in range(1, 10)}
+        keys.update({
+            "r": lambda layer: self.mark_selected_reviewed(layer),
+            "n": lambda layer: self.review_next(lyr=layer),
+            "Shift-N": lambda layer: self.review_next(back=True, lyr=layer),
+            "Control-Z": lambda layer: self.undo(layer),
+            "Control-Shift-Z": lambda layer: self.redo(layer),
+            # napari's own paste writes the points without a data event (no undo, no autosave, no flags)
+            "Control-C": lambda layer: self.copy_selected(layer),
+            "Control-V": lambda layer: self.paste(layer),
+        })
+        return keys
 
     def _on_defaults_changed(self, event):
         """Selecting a point makes napari copy its features (id, score, source, class) into the
@@ -2093,7 +2100,7 @@ class DenucWidget(QWidget):
             pairs.append((lyr.events.name, self._on_layer_renamed))
             if L.token_of(lyr) in self._infos:
                 pairs += [(lyr.events.mode, self._on_mode_changed), (lyr.events.current_properties, self._on_defaults_changed)]
-                for key in [str(k) for k in range(1, 10)] + ["r", "n", "Shift-N", "Control-Z", "Control-Shift-Z", "Control-C", "Control-V"]:
+                for key in self._layer_keys():
                     with contextlib.suppress(Exception):  # napari's own bindings for these keys come back
                         lyr.bind_key(key, None, overwrite=True)
         for emitter, callback in pairs:
