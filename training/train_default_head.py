@@ -4,8 +4,8 @@ chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
     python training/train_default_head.py --config "eff0@0.5|lite" --encoder effnet-lite0 --context-um 40 \\
         --weight-decay 0.3 --class-weight balanced --out src/napari_denuc/weights/effnet_lite0_head.safetensors
 
-Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
-2 cores). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
+Features come from the LOSO cache (runs/loso/det-<bundled detector fingerprint>/<config>/, computed
+there if missing: ~10 min on 2 cores; a new bundled detector gets a new folder). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
 """
 
 from __future__ import annotations
