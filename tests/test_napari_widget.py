@@ -1100,3 +1100,41 @@ def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari
     (env["tmp"] / "other.png.denuc.json").write_text((env["tmp"] / "my tile.png.denuc.json").read_text())
     viewer2.open(str(other))
     assert w2.points_layer() is not None and w2.head_path is None and w2.head_label.text() == "bundled"
+
+
+def test_renamed_nuclei_layer_comes_back_under_its_name(make_napari_viewer, qtbot, env, sample_image):
+    """The pathologist renames the nuclei layer in the layer list ("case 12, reviewed"), corrects
+    with keys, closes napari: the next day the layer comes back under that name, with the edits."""
+    from napari_fakes import User
+
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    user.select(lyr, lyr.data[4].copy())
+    user.key(Qt.Key_3)
+    wait_saved(qtbot, w)
+    saved = env["tmp"] / "my tile.png.denuc.json"
+    user.rename(lyr, "case 12, reviewed")
+    assert lyr.name == "case 12, reviewed" and w.points_layer() is not None
+    # the name alone is a change worth saving (napari may be killed before it closes)
+    qtbot.waitUntil(lambda: json.loads(saved.read_text()).get("layer_name") == "case 12, reviewed", timeout=5000)
+    user.select(lyr, lyr.data[7].copy())
+    user.key(Qt.Key_1)
+    edited_xy = lyr.data[(lyr.features["source"].astype(str) == "edited").to_numpy()].copy()
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None and lyr2.name == "case 12, reviewed", [x.name for x in viewer2.layers]
+    edited = (lyr2.features["source"].astype(str) == "edited").to_numpy()
+    np.testing.assert_allclose(np.sort(lyr2.data[edited], 0), np.sort(edited_xy, 0), atol=1e-3)
+    assert len(edited_xy) == 2
+    # a default name is not carried to another image restored from the same corrections
+    other = env["tmp"] / "other.png"
+    other.write_bytes(png.read_bytes())
+    state = json.loads(saved.read_text())
+    state["layer_name"] = "my tile nuclei"
+    (env["tmp"] / "other.png.denuc.json").write_text(json.dumps(state))
+    viewer2.open(str(other))
+    assert w2.points_layer().name == "other nuclei"

@@ -541,6 +541,11 @@ class DenucWidget(QWidget):
         The widget ties points layers to their image by name; the image is recognised under its
         new name by its pixel array (the object the key cache holds).
         """
+        token = L.token_of(getattr(event, "source", None))
+        lyr = self._layer_by_token(token) if token in self._infos else None
+        if lyr is not None:  # a nuclei layer renamed ("case 12, reviewed"): its name is saved with its corrections
+            self._mark_dirty(lyr)
+            return
         images = self._image_layers()
         names = {i.name for i in images}
         renamed = {}
@@ -674,7 +679,11 @@ class DenucWidget(QWidget):
                 return lyr
         return ours[-1] if len(ours) == 1 else None
 
-    def _points_name(self, image_layer) -> str:
+    def _points_name(self, image_layer, state=None) -> str:
+        """``<image> nuclei``, or the name the user gave the layer whose corrections ``state`` holds."""
+        saved = (state or {}).get("layer_name")
+        if isinstance(saved, str) and saved.strip() and saved != f"{state.get('image')} nuclei":
+            return saved
         return f"{image_layer.name} nuclei"
 
     # ----------------------------------------------------------- pipeline
@@ -1531,7 +1540,7 @@ class DenucWidget(QWidget):
     def _new_layer(self, image_layer, det, *, source="model", reviewed=False, state=None):
         """Add an (empty or restored) DeNuC points layer for ``image_layer`` and start tracking it."""
         mpp = float(self.mpp_spin.value()) if image_layer is self.image_layer() else self._mpp_user.get(image_layer.name, self.image_mpp(image_layer)[0])
-        kwargs = L.layer_kwargs(det, self._points_name(image_layer), source=source, reviewed=reviewed, mpp=mpp,
+        kwargs = L.layer_kwargs(det, self._points_name(image_layer, state), source=source, reviewed=reviewed, mpp=mpp,
                                 extra_metadata={"image": image_layer.name})
         kwargs["size"] = L.point_size(mpp, float(self.size_spin.value()))
         if state is not None:
@@ -2018,7 +2027,7 @@ class DenucWidget(QWidget):
             L.class_names(lyr),
             L.class_colors(lyr),
             info["key"],
-            extra={"image": info["image"], "head": self.head_path, "tau": self._tau_shown.get(token),
+            extra={"image": info["image"], "layer_name": lyr.name, "head": self.head_path, "tau": self._tau_shown.get(token),
                    "tombstones": list(lyr.metadata["denuc"].get("tombstones") or []),
                    "mpp_user": self._mpp_user.get(info["image"])},
         )
