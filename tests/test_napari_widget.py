@@ -1138,3 +1138,98 @@ def test_renamed_nuclei_layer_comes_back_under_its_name(make_napari_viewer, qtbo
     (env["tmp"] / "other.png.denuc.json").write_text(json.dumps(state))
     viewer2.open(str(other))
     assert w2.points_layer().name == "other nuclei"
+
+
+def test_same_image_file_open_twice_keeps_both_layers_corrections(make_napari_viewer, qtbot, env, sample_image, gt):
+    """The user's PNG opened twice: each image layer's nuclei are corrected with keys and the mouse.
+    They must not autosave into one file (the last writer would win): the second layer's go to a
+    file of their own, the user is told, and after closing napari both sets come back."""
+    from napari_fakes import User, empty_spots
+
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    viewer.open(str(png))
+    first, second = (x.name for x in viewer.layers)
+    w = open_widget(viewer, qtbot)
+    user = User(viewer, qtbot)
+    spots = empty_spots(gt[0], 2, seed=11)
+
+    w.image_combo.setCurrentText(first)
+    a = detect(qtbot, w)
+    user.select(a, a.data[4].copy())
+    user.key(Qt.Key_2)
+    user.add_at(a, spots[0])
+    w.image_combo.setCurrentText(second)
+    assert w.points_layer() is None  # the second layer has no nuclei yet: not the first one's
+    b = detect(qtbot, w)
+    assert L_token(b) != L_token(a)
+    assert "my tile.png-2.denuc.json" in w.status.text(), w.status.text()  # the user is told where they go
+    user.select(b, b.data[9].copy())
+    user.key(Qt.Key_3)
+    user.select(b, b.data[12].copy())
+    user.key(Qt.Key_Delete)
+    user.add_at(b, spots[1])
+    want = {}
+    for lyr in (a, b):
+        f = lyr.features
+        edited = (f["source"].astype(str) == "edited").to_numpy()
+        want[lyr.name] = (lyr.data[edited].copy(), f["class"].astype(str).to_numpy()[edited].copy(), len(lyr.data))
+    viewer.close()
+
+    files = {p.name: json.loads(p.read_text()) for p in env["tmp"].glob("*.denuc.json")}
+    assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
+    assert files["my tile.png.denuc.json"]["source"].count("edited") == 2
+    assert files["my tile.png-2.denuc.json"]["source"].count("edited") == 2
+    assert not files["my tile.png.denuc.json"].get("tombstones") and len(files["my tile.png-2.denuc.json"]["tombstones"]) == 1
+
+    # the next day: the file opened twice again; each layer gets its own corrections back
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    pts = [x for x in viewer2.layers if x.__class__.__name__ == "Points"]
+    assert sorted(x.name for x in pts) == sorted(want), [x.name for x in pts]
+    for lyr in pts:
+        xy, cls, n = want[lyr.name]
+        f = lyr.features
+        edited = (f["source"].astype(str) == "edited").to_numpy()
+        order, order_want = np.lexsort(lyr.data[edited].T), np.lexsort(xy.T)
+        np.testing.assert_allclose(lyr.data[edited][order], xy[order_want], atol=1e-3)
+        np.testing.assert_array_equal(f["class"].astype(str).to_numpy()[edited][order], cls[order_want])
+        assert len(lyr.data) == n
+    # opened once, the other set is not forgotten: the status says where it is
+    viewer2.close()
+    viewer3 = make_napari_viewer(show=True)
+    viewer3.open(str(png))
+    w3 = open_widget(viewer3, qtbot)
+    assert w3.points_layer() is not None and "my tile.png-2.denuc.json" in w3.status.text(), w3.status.text()
+
+
+
+def test_duplicated_nuclei_layer_is_a_layer_of_its_own(make_napari_viewer, qtbot, env, sample_image):
+    """Layer list > Duplicate Layer copies the metadata, the widget's token included: the copy must
+    become a nuclei layer of its own (own undo, own file), not a second face of the original."""
+    from napari.layers._layer_actions import _duplicate_layer  # what the layer list's menu calls
+    from napari_fakes import User
+
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    user = User(viewer, qtbot)
+    a = detect(qtbot, w)
+    viewer.layers.selection = {a}
+    _duplicate_layer(viewer.layers)
+    b = viewer.layers[-1]
+    assert b.name == "my tile nuclei copy" and L_token(b) not in (None, L_token(a))
+    viewer.layers.selection.active = b
+    user.select(b, b.data[6].copy())
+    user.key(Qt.Key_3)
+    assert (b.features["source"].astype(str) == "edited").sum() == 1
+    assert (a.features["source"].astype(str) == "edited").sum() == 0  # the original is untouched
+    viewer.layers.selection.active = a
+    user.select(a, a.data[2].copy())
+    user.key(Qt.Key_1)
+    viewer.close()
+    files = {p.name: json.loads(p.read_text()) for p in env["tmp"].glob("*.denuc.json")}
+    assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
+    assert [files[n]["layer_name"] for n in sorted(files)] == ["my tile nuclei copy", "my tile nuclei"]
+    assert all(st["source"].count("edited") == 1 for st in files.values())

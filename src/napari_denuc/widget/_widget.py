@@ -174,6 +174,7 @@ class DenucWidget(QWidget):
         self._cancel = threading.Event()
         self._suppress = 0
         self._infos: dict[str, dict] = {}  # token -> image name, image key, autosave path, next nid
+        self._notes: dict[str, str] = {}  # token -> why its corrections go to a file of their own (told once)
         self._histories: dict[str, History] = {}
         self._candidates: dict[str, E.Candidates] = {}
         self._tau_shown: dict[str, float] = {}  # token -> the threshold the layer's model nuclei are at
@@ -530,6 +531,11 @@ class DenucWidget(QWidget):
         self._refresh_image_choices()
         lyr = event.value
         lyr.events.name.connect(self._on_layer_renamed)
+        token = L.token_of(lyr)
+        if token in self._infos and sum(L.token_of(x) == token for x in self.viewer.layers) > 1:
+            # napari's Duplicate Layer copies the metadata, token and file included: the copy is a layer of its own
+            meta = {k: v for k, v in lyr.metadata["denuc"].items() if k != "corrections"}
+            lyr.metadata = {**lyr.metadata, "denuc": {**meta, "token": L.new_token()}}
         if L.is_denuc_layer(lyr) and L.token_of(lyr) not in self._infos:
             self._adopt_existing(lyr)
         self._maybe_restore(lyr)
@@ -807,7 +813,9 @@ class DenucWidget(QWidget):
             if info is not None:
                 img = next((i for i in self._image_layers() if i.name == info["image"]), None)
                 store = self._store_image_path(img) if img is not None else None
-                info["path"] = session.corrections_path(info["image"], info["key"], store, self.project_dir)
+                base = session.corrections_path(info["image"], info["key"], store, self.project_dir)
+                info["path"] = session.numbered(base, self._copy_number(base, token))
+                lyr.metadata["denuc"]["corrections"] = str(info["path"])
                 self._save_token(token, lyr)
         for img in self._image_layers():
             self._maybe_restore(img)
@@ -1596,7 +1604,7 @@ class DenucWidget(QWidget):
         n_tomb = len(lyr.metadata["denuc"].get("tombstones") or [])
         if n_tomb:
             msg += f" {n_tomb} deleted nuclei stay deleted."
-        self._set_status(msg)
+        self._set_status(" ".join(t for t in (msg, self._notes.pop(token, "")) if t))
 
     def _classes_onto_layer(self, lyr, det):
         """``det`` on the layer's class list; classes the layer lacks are added to it first."""
@@ -1620,13 +1628,20 @@ class DenucWidget(QWidget):
             key = self._image_key(image_layer)
         token = L.token_of(lyr)
         _OWNERS[token] = self
-        lyr.metadata["denuc"]["image"] = image_layer.name
-        self._infos[token] = {
-            "image": image_layer.name,
-            "key": key,
-            "path": session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir),
-            "next_nid": 0,
-        }
+        meta = lyr.metadata["denuc"]
+        meta["image"] = image_layer.name
+        base = session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir)
+        taken = {Path(i["path"]) for t, i in self._infos.items() if t != token}
+        own = meta.get("corrections")  # adopted again (dock reopened): the file it has been writing to stays its own
+        path = Path(own) if own and Path(own) not in taken else session.numbered(base, self._copy_number(base, token))
+        meta["corrections"] = str(path)
+        if path != base:
+            other = next((i["image"] for t, i in self._infos.items() if t != token and Path(i["path"]) == base), None)
+            self._notes[token] = (
+                f"'{image_layer.name}' is the same image as '{other}', whose nuclei are saved in {base.name}: "
+                if other and other != image_layer.name else f"A second nuclei layer of '{image_layer.name}': "
+            ) + f"these are saved separately, to {path.name}."
+        self._infos[token] = {"image": image_layer.name, "key": key, "path": path, "next_nid": 0}
         self._next_nid(lyr)
         self._histories[token] = History(lyr)
         lyr.events.data.connect(self._on_data_event)
@@ -1636,6 +1651,16 @@ class DenucWidget(QWidget):
             lyr.bind_key(key, handler, overwrite=True)
         lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self.class_combo.currentText() or None)
         lyr.help = KEYS_HELP
+
+    def _copy_number(self, base, token=None) -> int:
+        """1 for the image's own corrections file ``base``; 2, 3, ... while other open nuclei layers
+        write to those (the same image file open twice, or two nuclei layers of one image): one file
+        each, or the last writer would win and the other's corrections be lost on reopening."""
+        taken = {Path(i["path"]) for t, i in self._infos.items() if t != token}
+        k = 1
+        while session.numbered(base, k) in taken:
+            k += 1
+        return k
 
     def _adopt_existing(self, lyr):
         """A DeNuC layer already in the viewer (widget re-opened): track it again."""
@@ -1975,7 +2000,7 @@ class DenucWidget(QWidget):
         msg = f"Imported {n_added} nuclei from {Path(path).name} ({mode})."
         if n_skipped:
             msg += f" {n_skipped} fell on your edited or reviewed nuclei and were skipped."
-        self._set_status(msg)
+        self._set_status(" ".join(t for t in (msg, self._notes.pop(L.token_of(lyr), "")) if t))
         return lyr
 
     def _ask_import_mode(self, name, n):
@@ -2044,12 +2069,17 @@ class DenucWidget(QWidget):
         except Exception:  # noqa: BLE001 (an unreadable image simply has nothing to restore)
             return None
         store = self._store_image_path(image_layer)
-        path = session.corrections_path(image_layer.name, key, store, self.project_dir)
+        base = session.corrections_path(image_layer.name, key, store, self.project_dir)
+        k = self._copy_number(base)  # the same image already open with its nuclei: its next set of corrections
+        path = session.numbered(base, k)
         state = session.load_corrections(path, key)
         if state is None and self.project_dir is not None:  # saved before a project folder was chosen
-            path = session.corrections_path(image_layer.name, key, store, None)
+            path = session.numbered(session.corrections_path(image_layer.name, key, store, None), k)
             state = session.load_corrections(path, key)
         if state is None or (not state.get("xy") and not state.get("tombstones")):
+            if k > 1:
+                self._set_status(f"'{image_layer.name}' is an image already open with its nuclei: nuclei detected "
+                                 f"here are saved separately, to {session.numbered(base, k).name}.")
             return None
         det, source, reviewed = session.state_to_detections_and_flags(state)
         mpp_user = state.get("mpp_user")
@@ -2069,6 +2099,10 @@ class DenucWidget(QWidget):
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
         self._restored_note = f"Restored {len(det)} nuclei ({n_edit} edited) from {path}."
+        self._notes.pop(L.token_of(lyr), None)  # the note names the file already
+        more = session.numbered(path, 2) if k == 1 else session.numbered(base, k + 1)
+        if more.is_file():  # saved while the image was open twice: it comes back with the next copy opened
+            self._restored_note += f" Another set of corrections for this image is in {more.name}: open the image once more to see it."
         self._set_status(self._restored_note)
         return lyr
 
