@@ -1188,6 +1188,7 @@ def test_same_image_file_open_twice_keeps_both_layers_corrections(make_napari_vi
     viewer2.open(str(png))
     viewer2.open(str(png))
     w2 = open_widget(viewer2, qtbot)
+    assert "Restored" in w2.status.text() and "my tile.png-2.denuc.json" in w2.status.text(), w2.status.text()
     pts = [x for x in viewer2.layers if x.__class__.__name__ == "Points"]
     assert sorted(x.name for x in pts) == sorted(want), [x.name for x in pts]
     for lyr in pts:
