@@ -42,7 +42,7 @@ def env(tmp_path, monkeypatch, gt, sample_image):
     """DENUC_HOME in tmp, and the widget's pipeline factory builds the fake pipeline."""
     from napari_fakes import fake_head, fake_pipeline
 
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     monkeypatch.setenv("DENUC_HOME", str(tmp_path / "home"))
     head = fake_head(gt[0], gt[1], sample_image)
@@ -53,7 +53,7 @@ def env(tmp_path, monkeypatch, gt, sample_image):
         built.append(pipe)
         return pipe
 
-    monkeypatch.setattr(_widget, "make_pipeline", lambda detector=None, encoder=None, head=None: factory())
+    monkeypatch.setattr(models, "make_pipeline", lambda detector=None, encoder=None, head=None: factory())
     return {"home": tmp_path / "home", "built": built, "tmp": tmp_path}
 
 
@@ -561,7 +561,7 @@ def test_fit_tau_to_corrected_view(make_napari_viewer, qtbot, env, gt, sample_im
 
 
 def test_passive_openmp_only_before_torch_and_never_over_the_user():
-    from napari_denuc.widget._widget import passive_openmp
+    from napari_denuc.widget.native import passive_openmp
 
     env = {}
     assert passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -628,7 +628,7 @@ def test_rgba_and_16_bit_images_go_through_the_pipeline(make_napari_viewer, qtbo
 def test_layout_looks_and_public_api(make_napari_viewer, qtbot, env):
     from napari_denuc.encoders import list_encoders
     from napari_denuc.widget import layer as L
-    from napari_denuc.widget._widget import KEYS_HELP
+    from napari_denuc.widget.tracking import KEYS_HELP
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1280, 720)
@@ -676,13 +676,13 @@ def test_loading_models_then_detect_starts(make_napari_viewer, qtbot, env, monke
 
     from napari_fakes import fake_pipeline
 
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     def slow(detector=None, encoder=None, head=None):
         _time.sleep(1.0)
         return fake_pipeline(gt[0], gt[1], sample_image)
 
-    monkeypatch.setattr(_widget, "make_pipeline", slow)
+    monkeypatch.setattr(models, "make_pipeline", slow)
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(*SAMPLE)
     _, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
@@ -1022,9 +1022,7 @@ def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer
 def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_viewer, qtbot, env, sample_image, monkeypatch):
     """Project folder… chosen after correcting: the layer's corrections move there, and the next
     session looks there first (before, it looked next to the image and restored nothing)."""
-    from qtpy.QtWidgets import QPushButton
-
-    from napari_denuc.widget import _widget
+    from qtpy.QtWidgets import QFileDialog, QPushButton
 
     png = png_of(sample_image, env["tmp"])
     project = env["tmp"] / "project"
@@ -1035,7 +1033,7 @@ def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_view
     lyr = detect(qtbot, w)
     lyr.selected_data = {0}
     w.set_class_of_selected("stromal")
-    monkeypatch.setattr(_widget.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
     qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Project folder…"), Qt.LeftButton)
     lyr.selected_data = {1}
     w.set_class_of_selected("stromal")
@@ -1066,13 +1064,13 @@ def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari
 
     from napari_denuc.head import LinearHead
     from napari_denuc.io.naming import sidecar_path
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     def factory(detector=None, encoder=None, head=None):  # like Pipeline.from_defaults: a head file is checked
         lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
         return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
 
-    monkeypatch.setattr(_widget, "make_pipeline", factory)
+    monkeypatch.setattr(models, "make_pipeline", factory)
     png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     lyr = detect(qtbot, w)
     lyr.selected_data = {0, 1, 2}
