@@ -151,8 +151,7 @@ class DetectMixin:
         self._candidates[token] = cands
         self._tau_shown[token] = tau
         det, _ = cands.select(tau)
-        self._flush_moves()
-        self._history(lyr).record(lyr, "edit")
+        self._begin_step(lyr)
         names_layer = L.class_names(lyr)
         det = self._classes_onto_layer(lyr, det)
         mpp = float(self.mpp_spin.value())

@@ -17,6 +17,10 @@ from .history import History
 from .persistence import OWNERS
 
 
+def nuclei(n: int) -> str:
+    return f"{n} {'nucleus' if n == 1 else 'nuclei'}"
+
+
 class EditingMixin:
     """Methods of :class:`DenucWidget` for this job; the widget holds the state (its ``__init__``)."""
 
@@ -54,6 +58,14 @@ class EditingMixin:
         h = self._histories.get(token)
         if h is None:
             h = self._histories[token] = History(lyr)
+        return h
+
+    def _begin_step(self, lyr) -> History:
+        """Record what is not recorded yet (a move settling, napari's own edit) as its own step,
+        so that the step which follows holds only its own change."""
+        self._flush_moves()
+        h = self._history(lyr)
+        h.record(lyr, "edit")
         return h
 
     def _record(self, lyr, label: str, extra=None):
@@ -135,8 +147,7 @@ class EditingMixin:
 
     def _tombstone_removed(self, lyr):
         """Remember where deleted model nuclei were, so a re-detection does not bring them back."""
-        _, old_f, _ = self._history(lyr).state()
-        old_d = self._history(lyr).state()[0]
+        old_d, old_f, _ = self._history(lyr).state()
         gone = ~np.isin(np.asarray(old_f["nid"]), np.asarray(lyr.features["nid"]))
         if not gone.any():
             return
@@ -178,7 +189,7 @@ class EditingMixin:
         self._flush_moves()
         self._write(lyr, features=L.with_flags(lyr.features, sel, reviewed=True), rows=sel)
         self._record(lyr, "reviewed")
-        self._set_status(f"{len(sel)} {'nucleus' if len(sel) == 1 else 'nuclei'} marked reviewed.")
+        self._set_status(f"{nuclei(len(sel))} marked reviewed.")
         self._advance_review(lyr, sel)
 
     def _resolve(self, lyr):
@@ -194,7 +205,7 @@ class EditingMixin:
             return
         sel = sorted(int(i) for i in lyr.selected_data)
         self._clipboard = (np.asarray(lyr.data)[sel].copy(), lyr.features["class"].astype(str).to_numpy()[sel].copy())
-        self._set_status(f"Copied {len(sel)} {'nucleus' if len(sel) == 1 else 'nuclei'} (Ctrl+V pastes).")
+        self._set_status(f"Copied {nuclei(len(sel))} (Ctrl+V pastes).")
 
     def paste(self, lyr=None):
         """Ctrl+V: add the copied nuclei at their places with their classes, as the user's nuclei; one undo step."""
@@ -219,7 +230,7 @@ class EditingMixin:
             lyr.selected_data = set(rows)
         lyr.feature_defaults = L.feature_defaults(names, self._new_class(lyr))
         self._record(lyr, "paste")
-        self._set_status(f"Pasted {len(rows)} {'nucleus' if len(rows) == 1 else 'nuclei'}.")
+        self._set_status(f"Pasted {nuclei(len(rows))}.")
 
     def _ask_new_class(self):
         name, ok = QInputDialog.getText(self, "Add a class", "Class name:")
@@ -234,34 +245,32 @@ class EditingMixin:
                 self.extra_classes.append(name)
             self._sync_classes()
             return
-        names = list(L.class_names(lyr))
-        if name in names:
+        if name in L.class_names(lyr):
             return
-        colors = list(L.display_colors(names, L.class_colors(lyr)))
-        colors.append(tuple(color) if color else L.palette(len(names) + 1)[-1])
         self._flush_moves()
-        meta = lyr.metadata["denuc"]
-        meta["class_names"] = names + [name]
-        meta["class_colors"] = [list(c) for c in colors]
-        self._write(lyr, features=E.with_new_class(lyr.features, name))
+        self._append_class(lyr, name, color)
         self._record(lyr, f"add class {name}")
         self._sync_classes()
 
     def _classes_onto_layer(self, lyr, det):
         """``det`` on the layer's class list; classes the layer lacks are added to it first."""
-        names = list(L.class_names(lyr))
-        missing = [n for n in det.class_names if n not in names]
+        missing = [n for n in det.class_names if n not in L.class_names(lyr)]
         for n in missing:
-            colors = list(L.display_colors(names, L.class_colors(lyr)))
             k = list(det.class_names).index(n)
-            colors.append(tuple(det.class_colors[k]) if k < len(det.class_colors) else L.palette(len(names) + 1)[-1])
-            names.append(n)
-            lyr.metadata["denuc"]["class_names"] = list(names)
-            lyr.metadata["denuc"]["class_colors"] = [list(c) for c in colors]
-            self._write(lyr, features=E.with_new_class(lyr.features, n))
+            self._append_class(lyr, n, det.class_colors[k] if k < len(det.class_colors) else None)
         if missing:
             self._record(lyr, "add classes")
-        return E.to_classes(det, names, L.class_colors(lyr))
+        return E.to_classes(det, list(L.class_names(lyr)), L.class_colors(lyr))
+
+    def _append_class(self, lyr, name, color=None):
+        """Add ``name`` (with ``color``, else the palette's next) to the layer's classes; the caller records the step."""
+        names = list(L.class_names(lyr))
+        colors = list(L.display_colors(names, L.class_colors(lyr)))
+        colors.append(tuple(color) if color else L.palette(len(names) + 1)[-1])
+        meta = lyr.metadata["denuc"]
+        meta["class_names"] = names + [name]
+        meta["class_colors"] = [list(c) for c in colors]
+        self._write(lyr, features=E.with_new_class(lyr.features, name))
 
     def _apply_state(self, lyr, data, features, act, undo):
         with self._quiet():
@@ -291,9 +300,7 @@ class EditingMixin:
         lyr = self._resolve(lyr)
         if lyr is None:
             return None
-        self._flush_moves()
-        h = self._history(lyr)
-        h.record(lyr, "edit")  # anything not yet recorded becomes its own step first
+        h = self._begin_step(lyr)
         act = h.undo(lyr, self._apply_state) if undo else h.redo(lyr, self._apply_state)
         if act is None:
             return None

@@ -156,16 +156,14 @@ class RetrainingMixin:
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
             self._set_status("New head discarded; your head and classes are unchanged.")
             return
-        self._flush_moves()
-        self._history(lyr).record(lyr, "edit")
+        self._begin_step(lyr)
         f = lyr.features
         nids = np.asarray(f["nid"], dtype=np.int64)
         pos = {int(n): i for i, n in enumerate(nids)}
         rows = np.array([pos.get(int(n), -1) for n in p["nids"]], dtype=np.int64)
         ok = rows >= 0
         if ok.any():
-            _, reviewed = L.flags(f, len(f))
-            edited, _ = L.flags(f, len(f))
+            edited, reviewed = L.flags(f, len(f))
             ok &= ~(edited | reviewed)[np.where(rows >= 0, rows, 0)]  # answered since: the user's word stands
         probs = p["probs"][ok]
         new_f, changed = L.with_predictions(f, rows[ok], probs.argmax(1) if len(probs) else [], probs)

@@ -44,9 +44,7 @@ class ThresholdMixin:
         if tau < c.tau_floor - 1e-9:
             self._set_status(f"τ {tau:.2f} is below the cached {c.tau_floor:.2f}: press Detect & classify to search again.")
             return
-        self._flush_moves()
-        h = self._history(lyr)
-        h.record(lyr, "edit")
+        h = self._begin_step(lyr)
         top = h.undo_stack[-1] if h.undo_stack and h.undo_stack[-1].label == "threshold" else None
         tau_before = top.extra["tau"][0] if top is not None else self._tau_shown.get(L.token_of(lyr), tau)
         h.pop_top_if("threshold", lyr, self._apply_state)  # consecutive threshold moves are one step

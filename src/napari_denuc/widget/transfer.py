@@ -57,8 +57,7 @@ class TransferMixin:
             if not base or not set(det.class_names) & set(base):
                 base, base_colors = det.class_names, det.class_colors
             lyr = self._new_layer(image_layer, Detections(np.zeros((0, 2)), [], [], base, base_colors))
-        self._flush_moves()
-        self._history(lyr).record(lyr, "edit")
+        self._begin_step(lyr)
         det = self._classes_onto_layer(lyr, det)
         mpp = float(self.mpp_spin.value())
         d, f, nxt, n_added, n_skipped = E.import_table(
