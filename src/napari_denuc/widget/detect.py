@@ -19,7 +19,7 @@ from .panel import SCOPES
 TAU_FLOOR_BELOW = 0.25  # detect down to tau - 0.25 so the threshold can move without re-running
 
 
-MAX_REGION_PIXELS = 8192 * 8192  # beyond this (a whole slide), the widget asks for a region; the CLI tiles slides  # < 27% of a 1280 px screen
+MAX_REGION_PIXELS = 8192 * 8192  # beyond this (a whole slide), the widget asks for a region; the CLI tiles slides
 
 
 class DetectMixin:

@@ -28,7 +28,7 @@ from .models import encoder_choices
 SCOPES = ("Whole image", "Current field of view", "Inside Shapes ROI")
 
 
-MAX_DOCK_WIDTH = 340
+MAX_DOCK_WIDTH = 340  # < 27% of a 1280 px screen
 
 
 class _Collapsible(QWidget):
@@ -69,7 +69,16 @@ class PanelMixin:
         root = QVBoxLayout(inner)
         self.setMaximumWidth(MAX_DOCK_WIDTH)
         self.setMinimumWidth(260)
+        self._build_image_form(root)
+        self._build_models(root)
+        self._build_run(root)
+        self._build_classes(root)
+        self._build_review(root)
+        self._build_retrain(root)
+        self._build_files_and_status(root)
 
+    def _build_image_form(self, root):
+        """Image, resolution, scope and threshold τ."""
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
         form.setRowWrapPolicy(QFormLayout.WrapLongRows)  # a narrow dock puts fields under their labels
@@ -118,6 +127,8 @@ class PanelMixin:
         form.addRow(self.tau_count)
         root.addLayout(form)
 
+    def _build_models(self, root):
+        """The folded Models section: detector, encoder, head, NMS radius, project folder."""
         self.models = _Collapsible("Models")
         mform = QFormLayout(self.models.body)
         mform.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
@@ -161,6 +172,8 @@ class PanelMixin:
         mform.addRow(b)
         root.addWidget(self.models)
 
+    def _build_run(self, root):
+        """Detect & classify, Cancel and the progress bar."""
         run_row = QHBoxLayout()
         self.run_btn = QPushButton("Detect && classify")
         self.run_btn.clicked.connect(self.run_detection)
@@ -176,6 +189,8 @@ class PanelMixin:
         self.progress_bar.setTextVisible(True)
         root.addWidget(self.progress_bar)
 
+    def _build_classes(self, root):
+        """The class list, its legend (check boxes hide a class), confidence view and marker size."""
         box = QGroupBox("Classes")
         v = QVBoxLayout(box)
         cls_row = QHBoxLayout()
@@ -217,6 +232,8 @@ class PanelMixin:
         v.addLayout(view_row)
         root.addWidget(box)
 
+    def _build_review(self, root):
+        """The review queue, Reviewed, Undo, Redo."""
         box = QGroupBox("Review")
         v = QVBoxLayout(box)
         row = QHBoxLayout()
@@ -255,6 +272,8 @@ class PanelMixin:
         v.addLayout(row)
         root.addWidget(box)
 
+    def _build_retrain(self, root):
+        """Retrain head, its report, Keep / Discard."""
         box = QGroupBox("Retrain")
         v = QVBoxLayout(box)
         self.retrain_btn = QPushButton("Retrain head")
@@ -275,6 +294,8 @@ class PanelMixin:
         v.addLayout(row)
         root.addWidget(box)
 
+    def _build_files_and_status(self, root):
+        """Export…, Import… and the status line."""
         row = QHBoxLayout()
         b = QPushButton("Export…")
         b.clicked.connect(self._export_dialog)
