@@ -31,7 +31,8 @@ TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
 def cache_dir(folds: Path) -> Path:
-    """Candidates and features of one recipe's fold detectors (``runs/loso/fold_detections/<recipe>``)."""
+    """Candidates and features of one recipe's fold detectors (``runs/loso/det-<bundled>/fold_detections/<recipe>``;
+    under the bundled detector's folder because `lite` features hold its neck)."""
     return RUNS / "fold_detections" / folds.name
 
 

@@ -30,7 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-RUNS = Path("runs/loso")
+
+
+def _cache_dir() -> Path:
+    """runs/loso/det-<fingerprint of the bundled detector>: every cache here depends on it (its
+    points for end to end, its neck in `lite`), so a new bundled detector starts a new folder
+    instead of silently reusing features of the one it replaced."""
+    from napari_denuc.detection.checkpoint import load_detector
+    from napari_denuc.encoders.lite import detector_fingerprint
+
+    return Path("runs/loso") / f"det-{detector_fingerprint(load_detector(None).model)}"
+
+
+RUNS = _cache_dir()
 RADIUS_UM = 3.0
 
 

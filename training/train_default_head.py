@@ -2,10 +2,13 @@
 chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
 
     python training/train_default_head.py --config "eff0@0.5|lite" --encoder effnet-lite0 --context-um 40 \\
-        --weight-decay 0.3 --class-weight balanced --out src/napari_denuc/weights/effnet_lite0_head.safetensors
+        --loso-json docs/results/loso_heads_X.json --out src/napari_denuc/weights/effnet_lite0_head.safetensors
 
-Features come from the LOSO cache (runs/loso/<config>/, computed there if missing: ~10 min on
-2 cores). The head's sidecar records the LOSO figures of these options (docs/results/loso_heads.json).
+Class weight and weight decay default to the best row (LOSO end to end) of ``--loso-json`` for this
+configuration and context (``loso_heads.py select``); the sidecar records that row's figures.
+Features come from the LOSO cache (runs/loso/det-<bundled detector fingerprint>/<config>/, computed
+there if missing: ~10 min on 2 cores; a new bundled detector gets a new folder).
+``training/rebuild_heads.sh`` runs the whole chain for both bundled heads.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ def main():
     ap.add_argument("--config", default="eff0@0.5|lite")
     ap.add_argument("--encoder", default="effnet-lite0")
     ap.add_argument("--root", default="../shared/data/brca_m2c")
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--class-weight", default="none")
+    ap.add_argument("--weight-decay", type=float, help="default: the best row of --loso-json (end to end) for --config, --context-um")
+    ap.add_argument("--class-weight", help="none or balanced; default: as --weight-decay")
     ap.add_argument("--context-um", type=float, default=0.0, help="neighbourhood context radius (0: none)")
     ap.add_argument("--loso-json", default="docs/results/loso_heads.json")
     ap.add_argument("--out", required=True)
@@ -37,6 +40,16 @@ def main():
     from napari_denuc.encoders import get_encoder
     from napari_denuc.head import LinearHead
     from napari_denuc.retrain import prior_sample
+
+    rows = json.loads(Path(a.loso_json).read_text())["rows"] if Path(a.loso_json).is_file() else []
+    mine = [r for r in rows if r["config"] == a.config and r.get("context_um", 0.0) == a.context_um]
+    if a.weight_decay is None or a.class_weight is None:
+        if not mine:
+            raise SystemExit(f"no LOSO rows for {a.config} at context {a.context_um:g} um in {a.loso_json}: give --weight-decay and --class-weight")
+        best = max(mine, key=lambda r: r["loso_end_to_end"])
+        a.weight_decay = best["weight_decay"] if a.weight_decay is None else a.weight_decay
+        a.class_weight = str(best["class_weight"]).lower() if a.class_weight is None else a.class_weight
+        print(f"options chosen by leave-one-site-out ({a.loso_json}): class weight {a.class_weight}, weight decay {a.weight_decay:g}")
 
     for part in a.config.split("|"):  # e.g. eff0@0.5|litefb: two caches side by side
         if len(list((RUNS / part).glob("*.npz"))) < 90:
@@ -56,11 +69,7 @@ def main():
     cw = None if a.class_weight == "none" else a.class_weight
     fit = head.fit(x, y, class_weight=cw, weight_decay=a.weight_decay)
     head.prior = prior_sample(x, y, names)
-    loso = None
-    if Path(a.loso_json).is_file():
-        rows = json.loads(Path(a.loso_json).read_text())["rows"]
-        loso = next((r for r in rows if r["config"] == a.config and r["class_weight"] == cw and r["weight_decay"] == a.weight_decay
-                     and r.get("context_um", 0.0) == a.context_um), None)
+    loso = next((r for r in mine if r["class_weight"] == cw and r["weight_decay"] == a.weight_decay), None)
     head.save(a.out, metadata={"training": {
         "data": "BRCA-M2C train + val (90 tiles, sites A7, A8, AC), ground-truth points",
         "recipe": " ".join(sys.argv), **fit},
