@@ -155,9 +155,12 @@ class TrackingMixin:
         base = session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir)
         taken = {Path(i["path"]) for t, i in self._infos.items() if t != token}
         own = meta.get("corrections")  # adopted again (dock reopened): the file it has been writing to stays its own
-        path = Path(own) if own and Path(own) not in taken else session.numbered(base, self._copy_number(base, token))
+        if own and Path(own) not in taken:
+            path = Path(own)
+        else:
+            path = session.numbered(base, self._copy_number(base, token))
         meta["corrections"] = str(path)
-        if path != base:
+        if path != base and path != Path(own or ""):  # told once, when the layer gets a file of its own
             other = next((i["image"] for t, i in self._infos.items() if t != token and Path(i["path"]) == base), None)
             self._notes[token] = (
                 f"'{image_layer.name}' is the same image as '{other}', whose nuclei are saved in {base.name}: "
