@@ -168,6 +168,31 @@ class User:
         self.click(rc)
         layer.mode = "select"
 
+    def rename(self, layer, name):
+        """Double-click the layer's name in the layer list, type ``name``, press Enter."""
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QLineEdit
+
+        view = self.viewer.window._qt_viewer.layers
+        model = view.model()
+        row = next(r for r in range(model.rowCount()) if model.index(r, 0).data() == layer.name)
+        rect = view.visualRect(model.index(row, 0))
+
+        def editor():
+            return next((e for e in view.findChildren(QLineEdit) if e.isVisible()), None)
+
+        for _ in range(3):  # the first double-click may only select the row
+            self.qtbot.mouseDClick(view.viewport(), Qt.LeftButton, Qt.NoModifier, rect.center())
+            self.qtbot.wait(50)
+            if editor() is not None:
+                break
+        ed = editor()
+        assert ed is not None, "the layer list did not open its name editor"
+        ed.selectAll()
+        self.qtbot.keyClicks(ed, name)
+        self.qtbot.keyClick(ed, Qt.Key_Return)
+        self.qtbot.wait(20)
+
     def select(self, layer, rc, extend=False):
         from qtpy.QtCore import Qt
 

@@ -134,10 +134,9 @@ def test_first_hour_with_own_files(qtbot, make_napari_viewer, env, monkeypatch):
     from napari_fakes import User
     from PIL import Image
     from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QPushButton
+    from qtpy.QtWidgets import QFileDialog, QPushButton
 
     from napari_denuc._sample_data import make_sample_data
-    from napari_denuc.widget import _widget
     from napari_denuc.widget import layer as L
 
     png = env / "case 7.png"
@@ -203,7 +202,7 @@ def test_first_hour_with_own_files(qtbot, make_napari_viewer, env, monkeypatch):
 
     # Export… (the button and its file dialog) to QuPath GeoJSON; check it as QuPath reads it
     out = env / "case 7.geojson"
-    monkeypatch.setattr(_widget.QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(env / "case 7"), "QuPath GeoJSON (*.geojson)")))
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(env / "case 7"), "QuPath GeoJSON (*.geojson)")))
     export = next(b for b in w.findChildren(QPushButton) if b.text() == "Export…")
     qtbot.mouseClick(export, Qt.LeftButton)
     gj = json.loads(out.read_text())  # the name typed without a suffix got the chosen format's

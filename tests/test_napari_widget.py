@@ -42,7 +42,7 @@ def env(tmp_path, monkeypatch, gt, sample_image):
     """DENUC_HOME in tmp, and the widget's pipeline factory builds the fake pipeline."""
     from napari_fakes import fake_head, fake_pipeline
 
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     monkeypatch.setenv("DENUC_HOME", str(tmp_path / "home"))
     head = fake_head(gt[0], gt[1], sample_image)
@@ -53,7 +53,7 @@ def env(tmp_path, monkeypatch, gt, sample_image):
         built.append(pipe)
         return pipe
 
-    monkeypatch.setattr(_widget, "make_pipeline", lambda detector=None, encoder=None, head=None: factory())
+    monkeypatch.setattr(models, "make_pipeline", lambda detector=None, encoder=None, head=None: factory())
     return {"home": tmp_path / "home", "built": built, "tmp": tmp_path}
 
 
@@ -561,7 +561,7 @@ def test_fit_tau_to_corrected_view(make_napari_viewer, qtbot, env, gt, sample_im
 
 
 def test_passive_openmp_only_before_torch_and_never_over_the_user():
-    from napari_denuc.widget._widget import passive_openmp
+    from napari_denuc.widget.native import passive_openmp
 
     env = {}
     assert passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -628,7 +628,7 @@ def test_rgba_and_16_bit_images_go_through_the_pipeline(make_napari_viewer, qtbo
 def test_layout_looks_and_public_api(make_napari_viewer, qtbot, env):
     from napari_denuc.encoders import list_encoders
     from napari_denuc.widget import layer as L
-    from napari_denuc.widget._widget import KEYS_HELP
+    from napari_denuc.widget.tracking import KEYS_HELP
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1280, 720)
@@ -676,13 +676,13 @@ def test_loading_models_then_detect_starts(make_napari_viewer, qtbot, env, monke
 
     from napari_fakes import fake_pipeline
 
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     def slow(detector=None, encoder=None, head=None):
         _time.sleep(1.0)
         return fake_pipeline(gt[0], gt[1], sample_image)
 
-    monkeypatch.setattr(_widget, "make_pipeline", slow)
+    monkeypatch.setattr(models, "make_pipeline", slow)
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(*SAMPLE)
     _, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
@@ -1022,9 +1022,7 @@ def test_dock_closed_and_reopened_leaves_one_widget_answering(make_napari_viewer
 def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_viewer, qtbot, env, sample_image, monkeypatch):
     """Project folder… chosen after correcting: the layer's corrections move there, and the next
     session looks there first (before, it looked next to the image and restored nothing)."""
-    from qtpy.QtWidgets import QPushButton
-
-    from napari_denuc.widget import _widget
+    from qtpy.QtWidgets import QFileDialog, QPushButton
 
     png = png_of(sample_image, env["tmp"])
     project = env["tmp"] / "project"
@@ -1035,7 +1033,7 @@ def test_project_folder_holds_the_corrections_and_is_remembered(make_napari_view
     lyr = detect(qtbot, w)
     lyr.selected_data = {0}
     w.set_class_of_selected("stromal")
-    monkeypatch.setattr(_widget.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(project)))
     qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Project folder…"), Qt.LeftButton)
     lyr.selected_data = {1}
     w.set_class_of_selected("stromal")
@@ -1066,13 +1064,13 @@ def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari
 
     from napari_denuc.head import LinearHead
     from napari_denuc.io.naming import sidecar_path
-    from napari_denuc.widget import _widget
+    from napari_denuc.widget import models
 
     def factory(detector=None, encoder=None, head=None):  # like Pipeline.from_defaults: a head file is checked
         lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
         return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
 
-    monkeypatch.setattr(_widget, "make_pipeline", factory)
+    monkeypatch.setattr(models, "make_pipeline", factory)
     png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     lyr = detect(qtbot, w)
     lyr.selected_data = {0, 1, 2}
@@ -1100,3 +1098,137 @@ def test_restored_head_for_another_encoder_falls_back_to_the_default(make_napari
     (env["tmp"] / "other.png.denuc.json").write_text((env["tmp"] / "my tile.png.denuc.json").read_text())
     viewer2.open(str(other))
     assert w2.points_layer() is not None and w2.head_path is None and w2.head_label.text() == "bundled"
+
+
+def test_renamed_nuclei_layer_comes_back_under_its_name(make_napari_viewer, qtbot, env, sample_image):
+    """The pathologist renames the nuclei layer in the layer list ("case 12, reviewed"), corrects
+    with keys, closes napari: the next day the layer comes back under that name, with the edits."""
+    from napari_fakes import User
+
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    user.select(lyr, lyr.data[4].copy())
+    user.key(Qt.Key_3)
+    wait_saved(qtbot, w)
+    saved = env["tmp"] / "my tile.png.denuc.json"
+    user.rename(lyr, "case 12, reviewed")
+    assert lyr.name == "case 12, reviewed" and w.points_layer() is not None
+    # the name alone is a change worth saving (napari may be killed before it closes)
+    qtbot.waitUntil(lambda: json.loads(saved.read_text()).get("layer_name") == "case 12, reviewed", timeout=5000)
+    user.select(lyr, lyr.data[7].copy())
+    user.key(Qt.Key_1)
+    edited_xy = lyr.data[(lyr.features["source"].astype(str) == "edited").to_numpy()].copy()
+    viewer.close()
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None and lyr2.name == "case 12, reviewed", [x.name for x in viewer2.layers]
+    edited = (lyr2.features["source"].astype(str) == "edited").to_numpy()
+    np.testing.assert_allclose(np.sort(lyr2.data[edited], 0), np.sort(edited_xy, 0), atol=1e-3)
+    assert len(edited_xy) == 2
+    # a default name is not carried to another image restored from the same corrections
+    other = env["tmp"] / "other.png"
+    other.write_bytes(png.read_bytes())
+    state = json.loads(saved.read_text())
+    state["layer_name"] = "my tile nuclei"
+    (env["tmp"] / "other.png.denuc.json").write_text(json.dumps(state))
+    viewer2.open(str(other))
+    assert w2.points_layer().name == "other nuclei"
+
+
+def test_same_image_file_open_twice_keeps_both_layers_corrections(make_napari_viewer, qtbot, env, sample_image, gt):
+    """The user's PNG opened twice: each image layer's nuclei are corrected with keys and the mouse.
+    They must not autosave into one file (the last writer would win): the second layer's go to a
+    file of their own, the user is told, and after closing napari both sets come back."""
+    from napari_fakes import User, empty_spots
+
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    viewer.open(str(png))
+    first, second = (x.name for x in viewer.layers)
+    w = open_widget(viewer, qtbot)
+    user = User(viewer, qtbot)
+    spots = empty_spots(gt[0], 2, seed=11)
+
+    w.image_combo.setCurrentText(first)
+    a = detect(qtbot, w)
+    user.select(a, a.data[4].copy())
+    user.key(Qt.Key_2)
+    user.add_at(a, spots[0])
+    w.image_combo.setCurrentText(second)
+    assert w.points_layer() is None  # the second layer has no nuclei yet: not the first one's
+    b = detect(qtbot, w)
+    assert L_token(b) != L_token(a)
+    assert "my tile.png-2.denuc.json" in w.status.text(), w.status.text()  # the user is told where they go
+    user.select(b, b.data[9].copy())
+    user.key(Qt.Key_3)
+    user.select(b, b.data[12].copy())
+    user.key(Qt.Key_Delete)
+    user.add_at(b, spots[1])
+    want = {}
+    for lyr in (a, b):
+        f = lyr.features
+        edited = (f["source"].astype(str) == "edited").to_numpy()
+        want[lyr.name] = (lyr.data[edited].copy(), f["class"].astype(str).to_numpy()[edited].copy(), len(lyr.data))
+    viewer.close()
+
+    files = {p.name: json.loads(p.read_text()) for p in env["tmp"].glob("*.denuc.json")}
+    assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
+    assert files["my tile.png.denuc.json"]["source"].count("edited") == 2
+    assert files["my tile.png-2.denuc.json"]["source"].count("edited") == 2
+    assert not files["my tile.png.denuc.json"].get("tombstones") and len(files["my tile.png-2.denuc.json"]["tombstones"]) == 1
+
+    # the next day: the file opened twice again; each layer gets its own corrections back
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    assert "Restored" in w2.status.text() and "my tile.png-2.denuc.json" in w2.status.text(), w2.status.text()
+    pts = [x for x in viewer2.layers if x.__class__.__name__ == "Points"]
+    assert sorted(x.name for x in pts) == sorted(want), [x.name for x in pts]
+    for lyr in pts:
+        xy, cls, n = want[lyr.name]
+        f = lyr.features
+        edited = (f["source"].astype(str) == "edited").to_numpy()
+        order, order_want = np.lexsort(lyr.data[edited].T), np.lexsort(xy.T)
+        np.testing.assert_allclose(lyr.data[edited][order], xy[order_want], atol=1e-3)
+        np.testing.assert_array_equal(f["class"].astype(str).to_numpy()[edited][order], cls[order_want])
+        assert len(lyr.data) == n
+    # opened once, the other set is not forgotten: the status says where it is
+    viewer2.close()
+    viewer3 = make_napari_viewer(show=True)
+    viewer3.open(str(png))
+    w3 = open_widget(viewer3, qtbot)
+    assert w3.points_layer() is not None and "my tile.png-2.denuc.json" in w3.status.text(), w3.status.text()
+
+
+
+def test_duplicated_nuclei_layer_is_a_layer_of_its_own(make_napari_viewer, qtbot, env, sample_image):
+    """Layer list > Duplicate Layer copies the metadata, the widget's token included: the copy must
+    become a nuclei layer of its own (own undo, own file), not a second face of the original."""
+    from napari.layers._layer_actions import _duplicate_layer  # what the layer list's menu calls
+    from napari_fakes import User
+
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    user = User(viewer, qtbot)
+    a = detect(qtbot, w)
+    viewer.layers.selection = {a}
+    _duplicate_layer(viewer.layers)
+    b = viewer.layers[-1]
+    assert b.name == "my tile nuclei copy" and L_token(b) not in (None, L_token(a))
+    viewer.layers.selection.active = b
+    user.select(b, b.data[6].copy())
+    user.key(Qt.Key_3)
+    assert (b.features["source"].astype(str) == "edited").sum() == 1
+    assert (a.features["source"].astype(str) == "edited").sum() == 0  # the original is untouched
+    viewer.layers.selection.active = a
+    user.select(a, a.data[2].copy())
+    user.key(Qt.Key_1)
+    viewer.close()
+    files = {p.name: json.loads(p.read_text()) for p in env["tmp"].glob("*.denuc.json")}
+    assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
+    assert [files[n]["layer_name"] for n in sorted(files)] == ["my tile nuclei copy", "my tile nuclei"]
+    assert all(st["source"].count("edited") == 1 for st in files.values())

@@ -59,6 +59,19 @@ def corrections_path(image_name: str, key: str, image_path=None, project_dir=Non
     return base / "corrections" / f"{_safe(image_name)}-{key}.denuc.json"
 
 
+def numbered(path, k: int) -> Path:
+    """The ``k``-th corrections file of one image: ``path`` itself for 1, else ``<name>-<k>.denuc.json``.
+
+    The same image open in two layers (or two nuclei layers of one image) writes to files 1, 2, ...:
+    one file each, so neither overwrites the other's corrections.
+    """
+    path = Path(path)
+    if k <= 1:
+        return path
+    stem = path.name[: -len(".denuc.json")] if path.name.endswith(".denuc.json") else path.name
+    return path.with_name(f"{stem}-{k}.denuc.json")
+
+
 def _settings_path() -> Path:
     return default_home() / "widget.json"
 

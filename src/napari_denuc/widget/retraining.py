@@ -1,0 +1,184 @@
+"""Retrain head: learn from the user's nuclei in the background, show before/after, keep or discard."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import rescale_points
+from . import layer as L
+from . import session
+from .coords import rc_to_xy
+
+
+class RetrainingMixin:
+    """Methods of :class:`DenucWidget` for this job; the widget holds the state (its ``__init__``)."""
+
+    def retrain(self):
+        """Retrain the head on reviewed and edited nuclei (background); the user then keeps or discards it."""
+        if self._worker is not None:
+            return
+        lyr = self.points_layer()
+        image_layer = self.image_layer()
+        if lyr is None or image_layer is None or not len(lyr.data):
+            self._set_status("Run Detect & classify (or import points) on an image first.")
+            return
+        self._flush_moves()
+        self._t_press = time.perf_counter()
+        f = lyr.features
+        edited, reviewed = L.flags(f, len(f))
+        train = edited | reviewed
+        if not train.any():
+            self._set_status("Review or correct some nuclei first (1-9 sets a class, r confirms one).")
+            return
+        xy_all = rc_to_xy(lyr.data)
+        # A point placed off the image has no pixels to describe it: it must not teach the head.
+        full = image_layer.data[0] if getattr(image_layer, "multiscale", False) else image_layer.data
+        h, w = full.shape[:2]
+        inside = (xy_all[:, 0] >= -0.5) & (xy_all[:, 0] <= w - 0.5) & (xy_all[:, 1] >= -0.5) & (xy_all[:, 1] <= h - 0.5)
+        n_outside = int((train & ~inside).sum())
+        open_mask = ~train & inside  # unedited, unreviewed, on the image: what a new head may reclassify
+        train = train & inside
+        if not train.any():
+            self._set_status(f"All {n_outside} of your corrected nuclei lie outside the image; nothing to learn from.")
+            return
+        names = L.class_names(lyr)
+        colors = L.class_colors(lyr)
+        labels = L.class_ids(lyr)[train]
+        nids = np.asarray(f["nid"], dtype=np.int64)
+        open_idx = np.flatnonzero(open_mask)
+        current = L.class_ids(lyr)[open_idx]
+        mpp = float(self.mpp_spin.value())
+        data = image_layer.data
+        multiscale = bool(getattr(image_layer, "multiscale", False))
+        meta = dict(getattr(image_layer, "metadata", None) or {})
+        slide_path = meta.get("path") if meta.get("slide") else None  # opened by the slide reader
+        image_key = self._image_key(image_layer)
+        project = self.project_dir
+        token = L.token_of(lyr)
+
+        def job():
+            from ..io.images import as_rgb_uint8
+            from ..retrain import retrain_head
+
+            pipe = self._ensure_pipeline()
+            model_mpp = float(getattr(pipe.encoder, "mpp", 0.5) or 0.5)
+            arr, fct = self._level_for(image_layer, model_mpp, mpp) if multiscale else (data, 1.0)
+            t0 = time.perf_counter()
+            key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
+            feats, found = self.features_memo.get(key, xy_all)
+            missing = np.flatnonzero(~found & inside)  # only nuclei the encoder has not seen (added, moved)
+            if len(missing) and slide_path:
+                # A slide: read only the encoder windows around these nuclei, never a whole level.
+                from ..wsi.slide_features import slide_features
+
+                new = slide_features(pipe.encoder, slide_path, xy_all[missing], mpp=mpp, progress=self._progress_cb)
+            elif len(missing):
+                image = as_rgb_uint8(np.asarray(arr))
+                new = pipe.features_at(image, rescale_points(xy_all[missing], 1.0 / fct), mpp * fct, progress=self._progress_cb)
+            if len(missing):
+                self.features_memo.put(key, xy_all[missing], new)
+                if feats is None:
+                    feats = np.zeros((len(xy_all), new.shape[1]), np.float32)
+                feats[missing] = new
+            t_feat = time.perf_counter() - t0
+            enc_id = getattr(pipe.encoder, "id", "") or "encoder"
+            path = session.next_head_path(session.heads_dir(project), enc_id)
+            # The head reads each nucleus with its neighbours: every nucleus on the image is context.
+            on_image = np.flatnonzero(inside)
+            row = np.full(len(xy_all), -1)
+            row[on_image] = np.arange(len(on_image))
+            x = pipe.head.inputs(feats[on_image], xy_all[on_image], mpp) if pipe.head is not None else feats[on_image]
+            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, metadata={"image": image_layer.name})
+            probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
+            fit_info = getattr(res, "fit_info", None)
+            if isinstance(fit_info, dict):
+                fit_info["features_s"] = t_feat
+                fit_info["points_sampled"] = len(missing)
+            return res, probs, len(missing)
+
+        def done(result):
+            res, probs, n_sampled = result
+            new_ids = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+            changed = int((new_ids != current).sum())
+            self.pending_retrain = {
+                "result": res, "token": token, "nids": nids[open_idx], "probs": probs, "changed": changed,
+                "n_open": len(open_idx), "names": names, "head_before": (self.pipeline.head, self.head_path),
+            }
+            self.timings["retrain_s"] = time.perf_counter() - self._t_press
+            self.last_result = res
+            self.last_summary = self._retrain_summary(res, changed, len(open_idx), n_sampled)
+            if n_outside:
+                self.last_summary += f"\nSkipped {n_outside} corrected nuclei outside the image."
+            self.retrain_report.setText(self.last_summary)
+            self.keep_btn.setVisible(True)
+            self.discard_btn.setVisible(True)
+            self.progress_bar.setValue(100)
+            self._set_status("Keep the new head or discard it (nothing has changed yet).")
+
+        self._start_worker(job, done, "Retraining the head", on_cancelled=lambda r: self._delete_head_files(r[0].path))
+
+    @staticmethod
+    def _retrain_summary(res, changed, n_open, n_sampled) -> str:
+        per = getattr(res, "per_class", None) or {}
+        n_ex = getattr(res, "n_examples", None)
+        lines = [f"Learned from {n_ex} of your nuclei" + (f" ({', '.join(f'{k} {v}' for k, v in per.items())})." if per else ".")]
+        b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
+        n_eval = getattr(res, "n_eval", None)
+        if b is not None and a is not None:
+            if hasattr(res, "n_eval"):  # both heads scored on the same held-out folds of your nuclei
+                on = f" on the same {n_eval} held-out nuclei of yours" if n_eval else " on the same held-out folds"
+                lines.append(f"Accuracy{on}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
+            else:  # an older retrain_head: the two figures are not measured the same way
+                lines.append(f"Accuracy on your nuclei: old head {100 * b:.1f}% (as is), new head {100 * a:.1f}% (cross-validated).")
+            if a < b:
+                lines.append("The new head is worse on your nuclei: discarding it is advised.")
+        else:
+            lines.append("Too few examples to estimate accuracy yet.")
+        lines.append(f"{changed} of {n_open} unedited, unreviewed nuclei would change class.")
+        lines.append(f"Features: {n_sampled} nuclei newly sampled, the rest from the cache.")
+        return "\n".join(lines)
+
+    def answer_retrain(self, keep: bool):
+        """Keep (apply the new head to unedited nuclei, undoable) or discard (nothing changes) the new head."""
+        p, self.pending_retrain = self.pending_retrain, None
+        self.keep_btn.setVisible(False)
+        self.discard_btn.setVisible(False)
+        if p is None:
+            return
+        res = p["result"]
+        lyr = self._layer_by_token(p["token"])
+        if not keep or lyr is None:
+            self._delete_head_files(res.path)
+            self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
+            self._set_status("New head discarded; your head and classes are unchanged.")
+            return
+        self._begin_step(lyr)
+        f = lyr.features
+        nids = np.asarray(f["nid"], dtype=np.int64)
+        pos = {int(n): i for i, n in enumerate(nids)}
+        rows = np.array([pos.get(int(n), -1) for n in p["nids"]], dtype=np.int64)
+        ok = rows >= 0
+        if ok.any():
+            edited, reviewed = L.flags(f, len(f))
+            ok &= ~(edited | reviewed)[np.where(rows >= 0, rows, 0)]  # answered since: the user's word stands
+        probs = p["probs"][ok]
+        new_f, changed = L.with_predictions(f, rows[ok], probs.argmax(1) if len(probs) else [], probs)
+        before = p["head_before"]
+        self.set_head(res.path, res.head)
+        self._write(lyr, features=new_f)
+        self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
+        self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
+        self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    @staticmethod
+    def _delete_head_files(path):
+        """Remove a head the user did not keep (weights, sidecar, prior sample)."""
+        from ..io.naming import prior_path, sidecar_path
+
+        for q in (Path(path), sidecar_path(path), prior_path(path)):
+            with contextlib.suppress(OSError):
+                q.unlink()
