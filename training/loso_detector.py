@@ -51,6 +51,8 @@ RECIPES = {
     "shipped-travel": {**_SCRATCH, "epochs": 100, "eval_every": 20, "warmup_epochs": 2, "augment": {"preset": "travel"}},
     # the same at twice the budget: is the bundled recipe still learning at 100 epochs?
     "shipped-travel-200": {**_SCRATCH, "epochs": 200, "eval_every": 40, "warmup_epochs": 2, "augment": {"preset": "travel"}},
+    # and at three times: does it still learn at 200?
+    "shipped-travel-300": {**_SCRATCH, "epochs": 300, "eval_every": 60, "warmup_epochs": 2, "augment": {"preset": "travel"}},
     "scratch-x1_0": _SCRATCH,
     "scratch-x1_0-travel": {**_SCRATCH, "augment": {"preset": "travel"}},
     "lite0": _LITE0,
