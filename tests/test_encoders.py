@@ -270,3 +270,22 @@ def test_lite_tiles_large_images_consistently():
     for c in range(4):
         sl = slice(c * per_channel, c * per_channel + 4)
         assert np.allclose(tiled[:, sl], whole[:, sl], atol=1e-4)
+
+
+def test_bundled_heads_fit_any_detector(tmp_path):
+    """The encoders read a frozen neck of their own (encoders.lite.bundled_neck), not the detector's:
+    with a user's own detector the features are the same and the bundled head still loads."""
+    import torch
+
+    from napari_denuc.detection.checkpoint import save_detector
+    from napari_denuc.detection.model import PointDetector
+    from napari_denuc.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    mine = tmp_path / "my_detector.safetensors"
+    save_detector(PointDetector("shufflenet_v2_x1_0"), mine, mpp=0.5)
+    bundled, custom = Pipeline.from_defaults(encoder="lite"), Pipeline.from_defaults(detector=mine, encoder="lite")
+    assert custom.head is not None and custom.head.encoder_id == custom.encoder.id == bundled.encoder.id
+    img = np.random.default_rng(0).integers(0, 256, (160, 192, 3), dtype=np.uint8)
+    xy = np.array([[40.0, 50.0], [100.5, 80.25]])
+    np.testing.assert_array_equal(custom.features_at(img, xy, 0.5), bundled.features_at(img, xy, 0.5))

@@ -334,12 +334,11 @@ RSS_SCRIPT = """
 import sys
 import numpy as np
 from napari_denuc.cli.train import main
-from napari_denuc.detection.checkpoint import load_detector
-from napari_denuc.encoders.lite import LiteEncoder
+from napari_denuc.encoders.lite import LiteEncoder, bundled_neck
 from napari_denuc.wsi.slides import open_slide
 with open_slide(sys.argv[-1]) as src:
     crop = src.read_level(0, 0, 0, 64, 64)
-LiteEncoder(load_detector(None)).window_features(crop, np.array([[30.0, 30.0]]))
+LiteEncoder(bundled_neck()).window_features(crop, np.array([[30.0, 30.0]]))
 import scipy.sparse, scipy.spatial  # noqa: E401,F401  loaded by the context head: libraries, not data read from the slide
 def status(key):  # VmHWM is this process's own peak; ru_maxrss would inherit the parent's at exec
     with open("/proc/self/status") as f:

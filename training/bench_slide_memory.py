@@ -38,7 +38,7 @@ def main():
     feats = json.loads((d / "points.geojson").read_text())["features"]
     xy = np.array([f["geometry"]["coordinates"] for f in feats]) - 0.5  # QuPath's pixel centres
 
-    from napari_denuc.detection.checkpoint import load_detector
+    from napari_denuc.encoders.lite import bundled_neck
     from napari_denuc.detection.model import PointDetector
     from napari_denuc.encoders.lite import LiteEncoder
     from napari_denuc.wsi import slide_features as sf
@@ -47,7 +47,7 @@ def main():
         sf.MAP_LARGE_BLOCKS = int(args.map_mb * (1 << 20))
     if args.no_strips:
         PointDetector.neck_features_rgb = lambda self, rgb, strip_pixels=0: self.neck_features(self.normalize(rgb))
-    enc = LiteEncoder(load_detector(None))
+    enc = LiteEncoder(bundled_neck())
     slide = d / "slide8k.tif"
     sf.slide_features(enc, slide, np.array([[100.0, 100.0], [140.0, 100.0]]))  # warm-up: the corner window
     base = status_mb()

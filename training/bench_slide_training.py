@@ -53,12 +53,11 @@ def main():
     (d / "LIST.csv").write_text(f"slide,points\n{slide},{d / 'points.geojson'}\n")
 
     from napari_denuc.cli.train import main as train
-    from napari_denuc.detection.checkpoint import load_detector
-    from napari_denuc.encoders.lite import LiteEncoder
+    from napari_denuc.encoders.lite import LiteEncoder, bundled_neck
     from napari_denuc.wsi import slides
 
     with slides.open_slide(slide) as src:
-        LiteEncoder(load_detector(None)).window_features(src.read_level(0, 0, 0, 64, 64), np.array([[30.0, 30.0]]))
+        LiteEncoder(bundled_neck()).window_features(src.read_level(0, 0, 0, 64, 64), np.array([[30.0, 30.0]]))
     read = {"px": 0}
     real = slides.TiffSlideSource._read
 

@@ -4,7 +4,7 @@
 so its end-to-end figure is optimistic. Here each held-out site's points come from the detector
 of the same fold (``loso_detector.py train --recipe shipped-travel --holdout SITE``: trained on the other
 two sites only), and the head is trained on the other two sites as in ``loso_heads.py``. Nothing
-in the figure saw the held-out site except the ``lite`` encoder's detector neck (bundled).
+in the figure saw the held-out site except the ``lite`` encoder's neck (``encoders.lite.bundled_neck``).
 
     # 1. candidates (score >= 0.1) of each fold's detector on its held-out tiles, and the encoder
     #    features there (resumable: one file per tile)
@@ -32,7 +32,7 @@ TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 def cache_dir(folds: Path) -> Path:
     """Candidates and features of one recipe's fold detectors (``runs/loso/det-<bundled>/fold_detections/<recipe>``;
-    under the bundled detector's folder because `lite` features hold its neck)."""
+    under the loso_heads cache folder, which is keyed by the `lite` neck the features hold)."""
     return RUNS / "fold_detections" / folds.name
 
 
@@ -59,12 +59,12 @@ def fold_candidates(samples, folds: Path):
 
 
 def features(config: str, root, folds: Path):
-    from napari_denuc.detection.checkpoint import load_detector
+    from napari_denuc.encoders.lite import bundled_neck
 
     train, val = load_samples(root)
     samples = train + val
     cands = fold_candidates(samples, folds)
-    enc = build_encoder(config, load_detector(None))
+    enc = build_encoder(config, bundled_neck())
     out_dir = cache_dir(folds) / config
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(samples):

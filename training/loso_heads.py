@@ -33,13 +33,13 @@ import numpy as np
 
 
 def _cache_dir() -> Path:
-    """runs/loso/det-<fingerprint of the bundled detector>: every cache here depends on it (its
-    points for end to end, its neck in `lite`), so a new bundled detector starts a new folder
-    instead of silently reusing features of the one it replaced."""
+    """runs/loso/det-<bundled detector>-neck-<lite's neck> (fingerprints): the caches here hold the
+    bundled detector's points (end to end) and features read from the neck, so a new detector or
+    neck starts a new folder instead of silently reusing features of the one it replaced."""
     from napari_denuc.detection.checkpoint import load_detector
-    from napari_denuc.encoders.lite import detector_fingerprint
+    from napari_denuc.encoders.lite import bundled_neck, detector_fingerprint
 
-    return Path("runs/loso") / f"det-{detector_fingerprint(load_detector(None).model)}"
+    return Path("runs/loso") / f"det-{detector_fingerprint(load_detector(None).model)}-neck-{detector_fingerprint(bundled_neck().model)}"
 
 
 RUNS = _cache_dir()
@@ -58,13 +58,13 @@ def load_samples(root):
     return train, val
 
 
-def build_encoder(config: str, detector):
+def build_encoder(config: str, neck):
     from napari_denuc.encoders.effnet import EffNetEncoder
     from napari_denuc.encoders.lite import LiteEncoder
 
     base = config.split("+")[0]
     if base == "lite":
-        return LiteEncoder(detector=detector)
+        return LiteEncoder(detector=neck)
     if base == "litefb":
         return LiteEncoder(detector=None)
     if base.startswith("eff"):
@@ -102,12 +102,13 @@ def detections(det, samples):
 def features(config: str, root):
     from napari_denuc.detection.checkpoint import load_detector
     from napari_denuc.detection.augment import hed_jitter
+    from napari_denuc.encoders.lite import bundled_neck
 
     det = load_detector(None)
     train, val = load_samples(root)
     samples = train + val
     dets = detections(det, samples)
-    enc = build_encoder(config, det)
+    enc = build_encoder(config, bundled_neck())
     tf = transform_for(config)
     out_dir = RUNS / config
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ def main():
 
     from napari_denuc.detection.checkpoint import load_detector
     from napari_denuc.encoders import get_encoder
+    from napari_denuc.encoders.lite import bundled_neck
     from napari_denuc.head import LinearHead
     from napari_denuc.retrain import prior_sample
 
@@ -62,7 +63,7 @@ def main():
     x = np.concatenate([feats[s.name]["gt"] for s in samples])
     y = np.concatenate([s.labels for s in samples])
     names = samples[0].class_names
-    enc = get_encoder(a.encoder, detector=load_detector(None))  # the bundled detector: lite's neck
+    enc = get_encoder(a.encoder, detector=bundled_neck())  # lite's neck
     head = LinearHead(enc.feature_dim, names, encoder_id=enc.id, mpp=enc.mpp, context_um=a.context_um)
     if head.input_dim != x.shape[1]:
         raise SystemExit(f"{a.encoder} gives {enc.feature_dim}-d features, the cache of {a.config} {x.shape[1]}-d")

@@ -13,8 +13,8 @@ from .errors import DenucError
 from .io.images import as_rgb_uint8
 from .results import Detections
 
-# Heads shipped in weights/, per encoder. Both encoders read the bundled detector's neck, so the
-# shipped heads fit only that detector (a custom detector needs its own head: denuc-train head).
+# Heads shipped in weights/, per encoder. Both encoders read the neck of a frozen detector of
+# their own (encoders.lite.bundled_neck), so the heads fit any detector.
 BUNDLED_HEADS = {"effnet-lite0": "effnet_lite0_head.safetensors", "lite": "lite_head.safetensors"}
 
 
@@ -59,17 +59,18 @@ class Pipeline:
 
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
-        """Build from paths/names; None means the bundled detector, the default encoder and, with
-        the bundled detector, the encoder's bundled head."""
+        """Build from paths/names; None means the bundled detector, the default encoder and the
+        encoder's bundled head."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
+        from .encoders.lite import bundled_neck
         from .head import LinearHead
 
         det = load_detector(detector, device=device)
         name = encoder or default_encoder_name()
-        enc = get_encoder(name, detector=det.model, weights=encoder_weights, device=device)
+        enc = get_encoder(name, detector=bundled_neck(device).model, weights=encoder_weights, device=device)
         shipped = bundled_head_path(name) if encoder_weights is None else None
-        if head is None and detector is None and shipped is not None and shipped.is_file():
+        if head is None and shipped is not None and shipped.is_file():
             head = shipped
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)

@@ -149,6 +149,7 @@ def _head(args) -> int:
     from ..data.slides import parse_class_map
     from ..detection.checkpoint import load_detector
     from ..encoders import get_encoder
+    from ..encoders.lite import bundled_neck
     from ..errors import DenucError
     from ..head import LinearHead
     from ..head_training import retrain_from_samples, train_head
@@ -167,7 +168,7 @@ def _head(args) -> int:
         print(f"merged encoder weights: {weights}\nhead: {out}\nuse: --encoder {args.encoder} --encoder-weights {weights} --head {out}")
         return 0
     detector = load_detector(args.detector, device=args.device)
-    encoder = get_encoder(args.encoder, detector=detector.model, weights=args.encoder_weights, device=args.device)
+    encoder = get_encoder(args.encoder, detector=bundled_neck(args.device).model, weights=args.encoder_weights, device=args.device)
     pipe = Pipeline(detector, encoder)
     if args.from_head:
         src = bundled_head_path(args.encoder) if args.from_head == "bundled" else Path(args.from_head)

@@ -9,8 +9,11 @@ Per nucleus it concatenates
   is the Laplacian of Gaussian), and for sigma >= 2 the statistics (mean, std, min, max) of the
   smoothed channel on a ring of radius 2*sigma around the point (membrane, neighbours, stroma:
   the context that tells a lymphocyte in stroma from a tumour cell in a nest);
-* the trained detector's stride-8 neck features, sampled bilinearly at the point
+* a trained detector's stride-8 neck features, sampled bilinearly at the point
   (``PointDetector.neck_features``; cell (i, j) is centred at pixel (j*8+3.5, i*8+3.5)).
+  The pipeline gives it :func:`bundled_neck`, a frozen detector of its own, not the detector
+  that finds the nuclei: a better detector then needs no new heads (a detector trained longer
+  found more nuclei on unseen sites, but its neck classified them worse; docs/models.md).
 
 Derivatives and rings are evaluated only at the query points (finite differences on the
 smoothed channel), so cost is a handful of Gaussian filters per window; sigmas >= 4 run on a
@@ -133,6 +136,18 @@ def filter_features(crop: np.ndarray, xy: np.ndarray) -> np.ndarray:
                 ring = _sample(g, d, (x[:, None] + r * ca).ravel(), (y[:, None] + r * sa).ravel()).reshape(n, N_ANGLES)
                 cols += [ring.mean(1) - c, ring.std(1), ring.min(1), ring.max(1)]
     return np.stack(cols, axis=1).astype(np.float32)
+
+
+NECK = "lite_neck.safetensors"  # in the package's weights/: a detector checkpoint, used for its neck only
+
+
+def bundled_neck(device=None):
+    """The frozen detector whose neck the ``lite`` features read (and with them ``effnet-lite0``'s)."""
+    from importlib import resources
+
+    from ..detection.checkpoint import load_detector
+
+    return load_detector(resources.files("napari_denuc") / "weights" / NECK, device=device)
 
 
 def detector_fingerprint(detector) -> str:
