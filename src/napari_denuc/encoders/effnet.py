@@ -7,7 +7,7 @@ sampled bilinearly at the point: the fine stages describe the nucleus, the coars
 neighbourhood. ImageNet nets see objects of tens of pixels; nuclei at 0.5 mpp are 6-16 px, so
 one could upsample the image first (``mpp`` 0.25 = 2x); leave-one-site-out and the time budget
 chose the native 0.5 mpp plus ``lite``'s features (``lite=``: the stain filter bank, 176 values
-of hematoxylin/eosin structure and ring context, and the detector's neck), which together scored
+of hematoxylin/eosin structure and ring context, and a frozen detector's neck), which together scored
 higher than 2x at a third of its cost (docs/benchmarks.md).
 
 Geometry: every strided layer is an odd-sized convolution padded by half its size, so output
@@ -31,7 +31,7 @@ class EffNetEncoder(Encoder):
     """See the module docstring. ``stages``: timm ``out_indices`` (0-4 = strides 2-32).
 
     ``lite``: a :class:`~.lite.LiteEncoder` whose point features (the stain filter bank, plus
-    the detector's neck when it has a detector) are appended.
+    the neck of the detector it was given, ``bundled_neck()`` in the pipeline) are appended.
     """
 
     align = 32  # window sides are multiples of the coarsest stride, so all maps tile exactly

