@@ -6,8 +6,8 @@ chosen by leave-one-site-out (training/loso_heads.py), and its prior sample.
 
 Class weight and weight decay default to the best row (LOSO end to end) of ``--loso-json`` for this
 configuration and context (``loso_heads.py select``); the sidecar records that row's figures.
-Features come from the LOSO cache (runs/loso/det-<bundled detector fingerprint>/<config>/, computed
-there if missing: ~10 min on 2 cores; a new bundled detector gets a new folder).
+Features come from the LOSO cache (runs/loso/det-<detector>-neck-<lite neck>/<config>/, keyed by
+fingerprints; computed there if missing: ~10 min on 2 cores).
 ``training/rebuild_heads.sh`` runs the whole chain for both bundled heads.
 """
 
