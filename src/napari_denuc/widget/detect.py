@@ -175,4 +175,4 @@ class DetectMixin:
         n_tomb = len(lyr.metadata["denuc"].get("tombstones") or [])
         if n_tomb:
             msg += f" {n_tomb} deleted nuclei stay deleted."
-        self._set_status(" ".join(t for t in (msg, self._notes.pop(token, "")) if t))
+        self._set_status(msg, token)

@@ -311,5 +311,7 @@ class PanelMixin:
         root.addWidget(self.status)
         root.addStretch(1)
 
-    def _set_status(self, text: str):
-        self.status.setText(text)
+    def _set_status(self, text: str, token: str | None = None):
+        """``text``, followed by the note held for the layer ``token`` (told once), if any."""
+        note = self._notes.pop(token, "") if token is not None else ""
+        self.status.setText(" ".join(t for t in (text, note) if t))

@@ -93,10 +93,12 @@ class PersistenceMixin:
         store = self._store_image_path(image_layer)
         base = session.corrections_path(image_layer.name, key, store, self.project_dir)
         k = self._copy_number(base)  # the same image already open with its nuclei: its next set of corrections
-        path = session.numbered(base, k)
+        root = base  # the folder the restored set is in
+        path = session.numbered(root, k)
         state = session.load_corrections(path, key)
         if state is None and self.project_dir is not None:  # saved before a project folder was chosen
-            path = session.numbered(session.corrections_path(image_layer.name, key, store, None), k)
+            root = session.corrections_path(image_layer.name, key, store, None)
+            path = session.numbered(root, k)
             state = session.load_corrections(path, key)
         if state is None or (not state.get("xy") and not state.get("tombstones")):
             if k > 1:
@@ -122,7 +124,7 @@ class PersistenceMixin:
         n_edit = int((np.asarray(source) == "edited").sum())
         self._restored_note = f"Restored {len(det)} nuclei ({n_edit} edited) from {path}."
         self._notes.pop(L.token_of(lyr), None)  # the note names the file already
-        more = session.numbered(path, 2) if k == 1 else session.numbered(base, k + 1)
+        more = session.numbered(root, k + 1)
         if more.is_file():  # saved while the image was open twice: it comes back with the next copy opened
             self._restored_note += f" Another set of corrections for this image is in {more.name}: open the image once more to see it."
         self._set_status(self._restored_note)

@@ -153,9 +153,8 @@ class TrackingMixin:
         meta = lyr.metadata["denuc"]
         meta["image"] = image_layer.name
         base = session.corrections_path(image_layer.name, key, self._store_image_path(image_layer), self.project_dir)
-        taken = {Path(i["path"]) for t, i in self._infos.items() if t != token}
         own = meta.get("corrections")  # adopted again (dock reopened): the file it has been writing to stays its own
-        if own and Path(own) not in taken:
+        if own and Path(own) not in self._files_of_others(token):
             path = Path(own)
         else:
             path = session.numbered(base, self._copy_number(base, token))
@@ -177,11 +176,15 @@ class TrackingMixin:
         lyr.feature_defaults = L.feature_defaults(L.class_names(lyr), self.class_combo.currentText() or None)
         lyr.help = KEYS_HELP
 
+    def _files_of_others(self, token=None) -> set:
+        """The corrections files the tracked nuclei layers other than ``token`` write to."""
+        return {Path(i["path"]) for t, i in self._infos.items() if t != token}
+
     def _copy_number(self, base, token=None) -> int:
         """1 for the image's own corrections file ``base``; 2, 3, ... while other open nuclei layers
         write to those (the same image file open twice, or two nuclei layers of one image): one file
         each, or the last writer would win and the other's corrections be lost on reopening."""
-        taken = {Path(i["path"]) for t, i in self._infos.items() if t != token}
+        taken = self._files_of_others(token)
         k = 1
         while session.numbered(base, k) in taken:
             k += 1

@@ -71,7 +71,7 @@ class TransferMixin:
         msg = f"Imported {n_added} nuclei from {Path(path).name} ({mode})."
         if n_skipped:
             msg += f" {n_skipped} fell on your edited or reviewed nuclei and were skipped."
-        self._set_status(" ".join(t for t in (msg, self._notes.pop(L.token_of(lyr), "")) if t))
+        self._set_status(msg, L.token_of(lyr))
         return lyr
 
     def _ask_import_mode(self, name, n):
