@@ -24,7 +24,7 @@ from loso_heads import load_samples, site_of  # noqa: E402
 
 from napari_denuc.detection import tau_fit  # noqa: E402
 from napari_denuc.detection.checkpoint import load_detector  # noqa: E402
-from napari_denuc.detection.model import STRIDE  # noqa: E402
+from napari_denuc.detection.model import PointDetector  # noqa: E402
 from napari_denuc.detection.train import TrainConfig, detector_loss, prepare  # noqa: E402
 from napari_denuc.metrics import PointScorer  # noqa: E402
 
@@ -41,12 +41,7 @@ def fused_features(model, image):
 
 
 def head_output(head, fused):
-    logits, offset = head.score(fused)[:, 0], head.offset(fused)
-    _, _, h, w = offset.shape
-    ys = torch.arange(h, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
-    xs = torch.arange(w, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
-    return logits, grid.unsqueeze(0) + offset.permute(0, 2, 3, 1) * STRIDE
+    return head.score(fused)[:, 0], PointDetector.positions(head.offset(fused))
 
 
 def detection_f1(cands, tiles, tau):

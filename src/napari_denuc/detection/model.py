@@ -293,12 +293,16 @@ class PointDetector(nn.Module):
 
     def forward(self, x: torch.Tensor):
         logits, offset = self.head(self.neck(self.backbone(x)))
+        return logits, self.positions(offset)
+
+    @staticmethod
+    def positions(offset: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, 2) nucleus positions in input pixels: each stride-8 grid point plus its offset."""
         _, _, h, w = offset.shape
-        ys = torch.arange(h, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
-        xs = torch.arange(w, device=x.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
+        ys = torch.arange(h, device=offset.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
+        xs = torch.arange(w, device=offset.device, dtype=offset.dtype) * STRIDE + (STRIDE - 1) / 2
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
-        xy = grid.unsqueeze(0) + offset.permute(0, 2, 3, 1) * STRIDE
-        return logits, xy
+        return grid.unsqueeze(0) + offset.permute(0, 2, 3, 1) * STRIDE
 
 
 def count_trainable(model: nn.Module) -> int:
