@@ -31,8 +31,8 @@ TAUS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
 def cache_dir(folds: Path) -> Path:
-    """Candidates and features of one recipe's fold detectors (``runs/loso/det-<bundled>/fold_detections/<recipe>``;
-    under the loso_heads cache folder, which is keyed by the `lite` neck the features hold)."""
+    """Candidates and features of one recipe's fold detectors (``runs/loso/det-<detector>-neck-<neck>/fold_detections/<recipe>``;
+    under the loso_heads cache folder, keyed by the `lite` neck the features hold)."""
     return RUNS / "fold_detections" / folds.name
 
 
