@@ -14,7 +14,7 @@ sites is the headline, the 10-tile val split (same sites as train) is secondary.
 
 Configurations: ``lite`` (filter bank + bundled detector neck), ``litefb`` (filter bank only),
 ``eff<v>@<mpp>`` (ImageNet EfficientNet-Lite<v> at working resolution mpp), optionally with a
-suffix ``+reinhard`` (inference-time Reinhard stain normalisation of every tile) or
+suffix ``+reinhard`` or ``+macenko`` (inference-time stain normalisation of every tile) or
 ``+hed`` (training features also from 2 HED-jittered copies of every training tile).
 Both scores use the bundled detector's points for end to end (it saw all three sites in
 training, so detection is optimistic here; the head options are what this selects).
@@ -78,10 +78,11 @@ def build_encoder(config: str, neck):
 
 
 def transform_for(config: str):
-    if "+reinhard" in config:
-        from napari_denuc.stain import reinhard_normalize
+    from napari_denuc import stain
 
-        return reinhard_normalize
+    for name in ("reinhard", "macenko"):
+        if f"+{name}" in config:
+            return getattr(stain, f"{name}_normalize")
     return None
 
 
