@@ -1232,3 +1232,49 @@ def test_duplicated_nuclei_layer_is_a_layer_of_its_own(make_napari_viewer, qtbot
     assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
     assert [files[n]["layer_name"] for n in sorted(files)] == ["my tile nuclei copy", "my tile nuclei"]
     assert all(st["source"].count("edited") == 1 for st in files.values())
+
+
+def test_reopened_dock_keeps_the_head_resolution_and_tau(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Dock closed with its X and opened again from the menu: the head the user kept, the resolution
+    typed for a PNG and the τ in use come back with the layers. Before, the reopened widget showed
+    the bundled head and the assumed 0.5 µm/px, and its first autosave wrote them over the saved ones."""
+    from pathlib import Path
+
+    from napari_fakes import FakeEncoder, User, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.widget import models
+
+    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+        lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
+        return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
+
+    monkeypatch.setattr(models, "make_pipeline", factory)
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    dock, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=30000)
+    w.mpp_spin.setValue(0.45)  # the PNG states no resolution: the user types the scanner's
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    kept = w.head_path
+    w.tau_spin.setValue(0.6)
+    viewer.window.remove_dock_widget(dock)  # the dock's close button
+
+    w2 = open_widget(viewer, qtbot)
+    assert w2.points_layer() is not None
+    assert w2.head_path == kept and w2.head_label.text() == Path(kept).name
+    np.testing.assert_array_equal(w2.pipeline.head.state_tensors()["weight"], LinearHead.load(kept).state_tensors()["weight"])
+    assert w2.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w2.mpp_note.text()
+    assert w2.tau_spin.value() == pytest.approx(0.6)
+    user = User(viewer, qtbot)
+    user.select(lyr, lyr.data[5].copy())
+    user.key(Qt.Key_1)
+    wait_saved(qtbot, w2)
+    saved = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert (saved["head"], saved["mpp_user"], saved["tau"]) == (kept, pytest.approx(0.45), pytest.approx(0.6))
