@@ -1278,3 +1278,32 @@ def test_reopened_dock_keeps_the_head_resolution_and_tau(make_napari_viewer, qtb
     wait_saved(qtbot, w2)
     saved = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
     assert (saved["head"], saved["mpp_user"], saved["tau"]) == (kept, pytest.approx(0.45), pytest.approx(0.6))
+
+
+def test_second_retrain_scores_heads_only_on_nuclei_the_old_head_never_learned_from(opened, qtbot, gt, env):
+    """Retrain, keep, correct more, retrain again: the kept head learned from the first corrections,
+    so its accuracy on them is not held out. Both heads are scored on the new corrections only, and
+    the report says how many were left out. Before, all were called "held-out nuclei of yours"."""
+    from scipy.spatial import cKDTree
+
+    from napari_denuc.io.naming import sidecar_path
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    _, j = cKDTree(gt[0]).query(lyr.data[:, ::-1])
+    labels = gt[1][j]
+    first, second = np.arange(0, 160, 4), np.arange(2, 102, 4)  # 40 nuclei, then 25 others
+    label_like_gt(w, lyr, labels, first)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain["result"].n_eval == 40  # the bundled head never saw any
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    learned = json.loads(sidecar_path(w.head_path).read_text())["learned_from"]  # survives a restart with the head
+    assert sorted(next(iter(learned.values()))) == sorted(lyr.features["nid"].to_numpy()[first].tolist())
+    label_like_gt(w, lyr, labels, second)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    res = w.pending_retrain["result"]
+    assert res.n_examples == 65 and res.n_eval == 25
+    text = w.retrain_report.text()
+    assert "on the same 25 held-out nuclei of yours" in text and "40 nuclei the old head learned from" in text, text
