@@ -1307,3 +1307,27 @@ def test_second_retrain_scores_heads_only_on_nuclei_the_old_head_never_learned_f
     assert res.n_examples == 65 and res.n_eval == 25
     text = w.retrain_report.text()
     assert "on the same 25 held-out nuclei of yours" in text and "40 nuclei the old head learned from" in text, text
+
+
+def test_a_head_never_kept_leaves_no_file(opened, qtbot):
+    """Retrain head pressed again before Keep or Discard, or the dock closed meanwhile: the head that
+    was never kept is deleted like a discarded one. Before, each stayed in heads/ (weights, sidecar,
+    prior sample of up to 19 MB) with nothing pointing to it."""
+    from pathlib import Path
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    first = Path(w.pending_retrain["result"].path)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)  # a second thought, without answering
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    second = Path(w.pending_retrain["result"].path)
+    heads = first.parent
+    assert second != first and sorted(heads.glob(first.stem + "*")) == []
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)  # and once more, closing the dock while it trains
+    viewer.window.remove_dock_widget("all")  # the dock's close button, the new head unanswered
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert sorted(heads.glob("*")) == [], sorted(heads.glob("*"))

@@ -177,6 +177,7 @@ class PersistenceMixin:
                 self._save_token(token, lyr)
         self._retired = True
         self._cancel.set()
+        self._drop_pending_head()  # its Keep and Discard go with the dock: the head was never kept
         pairs = [
             (self.viewer.layers.events.inserted, self._on_layer_inserted),
             (self.viewer.layers.events.removed, self._on_layers_changed),

@@ -111,6 +111,7 @@ class RetrainingMixin:
             res, probs, n_sampled = result
             new_ids = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
             changed = int((new_ids != current).sum())
+            self._drop_pending_head()  # retrained again before answering: the earlier head was never kept
             self.pending_retrain = {
                 "result": res, "token": token, "nids": nids[open_idx], "probs": probs, "changed": changed,
                 "n_open": len(open_idx), "names": names, "head_before": (self.pipeline.head, self.head_path),
@@ -184,6 +185,12 @@ class RetrainingMixin:
         self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
         self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
         self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    def _drop_pending_head(self):
+        """Delete the head waiting for Keep or Discard, if any (it was never in use)."""
+        p, self.pending_retrain = self.pending_retrain, None
+        if p is not None:
+            self._delete_head_files(p["result"].path)
 
     @staticmethod
     def _delete_head_files(path):
