@@ -1331,3 +1331,19 @@ def test_a_head_never_kept_leaves_no_file(opened, qtbot):
     viewer.window.remove_dock_widget("all")  # the dock's close button, the new head unanswered
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     assert sorted(heads.glob("*")) == [], sorted(heads.glob("*"))
+
+
+def test_export_to_a_folder_that_cannot_be_written_says_so_in_one_line(opened, qtbot, env, monkeypatch):
+    """Export… to a place the file cannot go (a read-only share, a full disk; here a 'folder' that is a
+    file): a one-line message, the layer untouched. Before, the OSError escaped as a traceback."""
+    from qtpy.QtWidgets import QFileDialog, QPushButton
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    blocker = env["tmp"] / "not a folder"
+    blocker.write_text("")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(blocker / "nuclei.geojson"), "")))
+    n = len(lyr.data)
+    qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Export…"), Qt.LeftButton)
+    assert w.status.text().startswith("Could not export to") and "\n" not in w.status.text(), w.status.text()
+    assert len(lyr.data) == n and not (blocker / "nuclei.geojson").exists()
