@@ -1232,3 +1232,118 @@ def test_duplicated_nuclei_layer_is_a_layer_of_its_own(make_napari_viewer, qtbot
     assert sorted(files) == ["my tile.png-2.denuc.json", "my tile.png.denuc.json"]
     assert [files[n]["layer_name"] for n in sorted(files)] == ["my tile nuclei copy", "my tile nuclei"]
     assert all(st["source"].count("edited") == 1 for st in files.values())
+
+
+def test_reopened_dock_keeps_the_head_resolution_and_tau(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Dock closed with its X and opened again from the menu: the head the user kept, the resolution
+    typed for a PNG and the τ in use come back with the layers. Before, the reopened widget showed
+    the bundled head and the assumed 0.5 µm/px, and its first autosave wrote them over the saved ones."""
+    from pathlib import Path
+
+    from napari_fakes import FakeEncoder, User, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.widget import models
+
+    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+        lin = LinearHead.load(head, encoder=FakeEncoder()) if head is not None else None
+        return fake_pipeline(gt[0], gt[1], sample_image, head=lin)
+
+    monkeypatch.setattr(models, "make_pipeline", factory)
+    png = png_of(sample_image, env["tmp"])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(png))
+    dock, w = viewer.window.add_plugin_dock_widget(*PLUGIN)
+    qtbot.waitUntil(lambda: w.pipeline is not None and not w._loading, timeout=30000)
+    w.mpp_spin.setValue(0.45)  # the PNG states no resolution: the user types the scanner's
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    kept = w.head_path
+    w.tau_spin.setValue(0.6)
+    viewer.window.remove_dock_widget(dock)  # the dock's close button
+
+    w2 = open_widget(viewer, qtbot)
+    assert w2.points_layer() is not None
+    assert w2.head_path == kept and w2.head_label.text() == Path(kept).name
+    np.testing.assert_array_equal(w2.pipeline.head.state_tensors()["weight"], LinearHead.load(kept).state_tensors()["weight"])
+    assert w2.mpp_spin.value() == pytest.approx(0.45) and "set by you" in w2.mpp_note.text()
+    assert w2.tau_spin.value() == pytest.approx(0.6)
+    user = User(viewer, qtbot)
+    user.select(lyr, lyr.data[5].copy())
+    user.key(Qt.Key_1)
+    wait_saved(qtbot, w2)
+    saved = json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())
+    assert (saved["head"], saved["mpp_user"], saved["tau"]) == (kept, pytest.approx(0.45), pytest.approx(0.6))
+
+
+def test_second_retrain_scores_heads_only_on_nuclei_the_old_head_never_learned_from(opened, qtbot, gt, env):
+    """Retrain, keep, correct more, retrain again: the kept head learned from the first corrections,
+    so its accuracy on them is not held out. Both heads are scored on the new corrections only, and
+    the report says how many were left out. Before, all were called "held-out nuclei of yours"."""
+    from scipy.spatial import cKDTree
+
+    from napari_denuc.io.naming import sidecar_path
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    _, j = cKDTree(gt[0]).query(lyr.data[:, ::-1])
+    labels = gt[1][j]
+    first, second = np.arange(0, 160, 4), np.arange(2, 102, 4)  # 40 nuclei, then 25 others
+    label_like_gt(w, lyr, labels, first)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain["result"].n_eval == 40  # the bundled head never saw any
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    learned = json.loads(sidecar_path(w.head_path).read_text())["learned_from"]  # survives a restart with the head
+    assert sorted(next(iter(learned.values()))) == sorted(lyr.features["nid"].to_numpy()[first].tolist())
+    label_like_gt(w, lyr, labels, second)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    res = w.pending_retrain["result"]
+    assert res.n_examples == 65 and res.n_eval == 25
+    text = w.retrain_report.text()
+    assert "on the same 25 held-out nuclei of yours" in text and "40 nuclei the old head learned from" in text, text
+
+
+def test_a_head_never_kept_leaves_no_file(opened, qtbot):
+    """Retrain head pressed again before Keep or Discard, or the dock closed meanwhile: the head that
+    was never kept is deleted like a discarded one. Before, each stayed in heads/ (weights, sidecar,
+    prior sample of up to 19 MB) with nothing pointing to it."""
+    from pathlib import Path
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = {0, 1, 2}
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    first = Path(w.pending_retrain["result"].path)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)  # a second thought, without answering
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    second = Path(w.pending_retrain["result"].path)
+    heads = first.parent
+    assert second != first and sorted(heads.glob(first.stem + "*")) == []
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)  # and once more, closing the dock while it trains
+    viewer.window.remove_dock_widget("all")  # the dock's close button, the new head unanswered
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert sorted(heads.glob("*")) == [], sorted(heads.glob("*"))
+
+
+def test_export_to_a_folder_that_cannot_be_written_says_so_in_one_line(opened, qtbot, env, monkeypatch):
+    """Export… to a place the file cannot go (a read-only share, a full disk; here a 'folder' that is a
+    file): a one-line message, the layer untouched. Before, the OSError escaped as a traceback."""
+    from qtpy.QtWidgets import QFileDialog, QPushButton
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    blocker = env["tmp"] / "not a folder"
+    blocker.write_text("")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(blocker / "nuclei.geojson"), "")))
+    n = len(lyr.data)
+    qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Export…"), Qt.LeftButton)
+    assert w.status.text().startswith("Could not export to") and "\n" not in w.status.text(), w.status.text()
+    assert len(lyr.data) == n and not (blocker / "nuclei.geojson").exists()

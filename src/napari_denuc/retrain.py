@@ -19,7 +19,8 @@ So the new head *updates* the old one instead (:func:`update_head`):
 
 Nothing is refused for having few examples: one correction makes one small step. Accuracy
 before/after is estimated by k-fold cross-validation over the user's nuclei (each fold's
-update never sees that fold; the old head never saw any of them) when there are enough of them.
+update never sees that fold) on the nuclei the old head never learned from (a head kept from an earlier
+update learned from those corrections: they are trained on, not scored) when there are enough of them.
 """
 
 from __future__ import annotations
@@ -234,36 +235,45 @@ def _folds(labels, k: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def held_out_accuracy(old_head, features, labels, class_names, prior=None, **update_options):
+def held_out_accuracy(old_head, features, labels, class_names, prior=None, scored=None, **update_options):
     """(before, after, n, folds): old head vs. updated head on the same held-out folds of the user's
-    nuclei; (None, None, 0, 0) when there are fewer than MIN_CV_EXAMPLES."""
+    nuclei; (None, None, 0, 0) when there are fewer than MIN_CV_EXAMPLES.
+
+    ``scored`` (bool per example, default all): the examples the two heads are scored on. The
+    others (those the old head already learned from: its accuracy on them is not held out) are
+    only trained on.
+    """
     labels = np.asarray(labels, dtype=np.int64)
+    scored = np.ones(len(labels), bool) if scored is None else np.asarray(scored, dtype=bool)
     # The estimate, not the head, uses a stratified sample: k updates on 20,000 nuclei would keep
     # the user waiting for a number that 1,500 of them give as well.
     sub = stratified_sample(labels, CV_MAX_EXAMPLES)
-    features, labels = np.asarray(features)[sub], labels[sub]
-    n = len(labels)
+    features, labels, scored = np.asarray(features)[sub], labels[sub], scored[sub]
+    n = int(scored.sum())
     if n < MIN_CV_EXAMPLES:
         return None, None, 0, 0
     k = CV_FOLDS
-    fold = _folds(labels, k)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for part in (scored, ~scored):  # stratified within the scored ones: each fold holds its share of them
+        fold[part] = _folds(labels[part], k)
     names = tuple(class_names)
     before = after = 0
     if old_head is not None:
         old_to_new = {i: names.index(c) for i, c in enumerate(old_head.class_names) if c in names}
-        pred_old = np.array([old_to_new.get(int(p), -1) for p in old_head.predict(features)])
-        before = int((pred_old == labels).sum())
+        pred_old = np.array([old_to_new.get(int(p), -1) for p in old_head.predict(features[scored])])
+        before = int((pred_old == labels[scored]).sum())
     for f in range(k):
-        tr, te = fold != f, fold == f
+        tr, te = fold != f, (fold == f) & scored
         h = update_head(old_head, features[tr], labels[tr], names, prior=prior, **update_options)
         after += int((h.predict(features[te]) == labels[te]).sum())
     return (before / n if old_head is not None else None), after / n, n, k
 
 
 def retrain_head(old_head, features, labels, class_names, class_colors, save_path, metadata=None, cv: bool = True,
-                 prior=None, **update_options) -> RetrainResult:
+                 prior=None, scored=None, **update_options) -> RetrainResult:
     """Update ``old_head`` with the user's corrections and save it to ``save_path`` (never overwritten;
-    None: do not save). The prior sample is ``prior`` or else ``old_head.prior``.
+    None: do not save). The prior sample is ``prior`` or else ``old_head.prior``. ``scored``: the
+    corrections the before/after accuracy is measured on (see :func:`held_out_accuracy`).
 
     ``features`` are the head's inputs for the corrected nuclei: ``old_head.inputs(...)`` of the
     encoder features of all nuclei of their image, rows picked after (the context needs them all).
@@ -278,7 +288,8 @@ def retrain_head(old_head, features, labels, class_names, class_colors, save_pat
         prior = old_head.prior
     if prior is not None and old_head is not None and int(prior[0].shape[1]) != old_head.input_dim:
         prior = None  # a prior of another encoder cannot be replayed
-    before, after, n_eval, folds = held_out_accuracy(old_head, features, labels, names, prior, **update_options) if cv else (None, None, 0, 0)
+    before, after, n_eval, folds = (held_out_accuracy(old_head, features, labels, names, prior, scored, **update_options)
+                                    if cv else (None, None, 0, 0))
     head = update_head(old_head, features, labels, names, class_colors, prior=prior, **update_options)
     per_class = {c: int((labels == i).sum()) for i, c in enumerate(names)}
     # The new head's prior: the old prior (capped) + these corrections, so the next update remembers both.
@@ -288,6 +299,7 @@ def retrain_head(old_head, features, labels, class_names, class_colors, save_pat
         head.prior = (np.concatenate([prior[0][keep], features]), np.concatenate([py[keep], labels]), names)
     else:
         head.prior = (features, labels, names)
+    head.metadata = dict(metadata or {})  # in memory as in the sidecar (e.g. which nuclei it learned from)
     if save_path is not None:
         meta = {"trained_on": "napari-denuc corrections", "n_examples": int(len(labels)), "per_class": per_class,
                 "parent": str(getattr(old_head, "path", None) or "")}

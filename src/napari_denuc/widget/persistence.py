@@ -106,20 +106,9 @@ class PersistenceMixin:
                                  f"here are saved separately, to {session.numbered(base, k).name}.")
             return None
         det, source, reviewed = session.state_to_detections_and_flags(state)
-        mpp_user = state.get("mpp_user")
-        if isinstance(mpp_user, (int, float)) and mpp_user > 0:  # the resolution the user typed for this image
-            self._mpp_user[image_layer.name] = float(mpp_user)
-            if self.image_layer() is not None and self.image_layer().name == image_layer.name:
-                self._on_image_changed(image_layer.name)
+        self._restore_mpp(image_layer, state)
         lyr = self._new_layer(image_layer, det, source=source, reviewed=reviewed, state=state)
-        head = state.get("head")
-        if head and Path(head).is_file():
-            self.set_head(head)
-        tau = state.get("tau")
-        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to a corrected view: the next detection uses it too
-            self._tau_shown[L.token_of(lyr)] = float(tau)
-            self._tau_restored = True
-            self._show_tau(tau)
+        self._restore_head_and_tau(lyr, state)
         self._sync_classes()
         n_edit = int((np.asarray(source) == "edited").sum())
         self._restored_note = f"Restored {len(det)} nuclei ({n_edit} edited) from {path}."
@@ -129,6 +118,36 @@ class PersistenceMixin:
             self._restored_note += f" Another set of corrections for this image is in {more.name}: open the image once more to see it."
         self._set_status(self._restored_note)
         return lyr
+
+    def _restore_mpp(self, image_layer, state):
+        """The resolution the user typed for this image, saved with its corrections."""
+        mpp_user = state.get("mpp_user")
+        if isinstance(mpp_user, (int, float)) and mpp_user > 0:
+            self._mpp_user[image_layer.name] = float(mpp_user)
+            if self.image_layer() is not None and self.image_layer().name == image_layer.name:
+                self._on_image_changed(image_layer.name)
+
+    def _restore_head_and_tau(self, lyr, state):
+        """The head in use and the layer's τ, saved with its corrections."""
+        head = state.get("head")
+        if head and Path(head).is_file():
+            self.set_head(head)
+        tau = state.get("tau")
+        if isinstance(tau, (int, float)) and 0 < tau < 1:  # e.g. fitted to a corrected view: the next detection uses it too
+            self._tau_shown[L.token_of(lyr)] = float(tau)
+            self._tau_restored = True
+            if self._infos[L.token_of(lyr)]["image"] == self.image_combo.currentText():  # each image shows its own τ
+                self._show_tau(tau)
+
+    def _restore_settings_of_adopted(self, lyr, image_layer):
+        """A layer adopted again (dock closed and reopened): the closed widget saved its head, τ and the
+        typed resolution with the corrections; without them this widget would show (and autosave) the
+        bundled head and an assumed resolution."""
+        info = self._infos[L.token_of(lyr)]
+        state = session.load_corrections(info["path"], info["key"])
+        if state is not None:
+            self._restore_mpp(image_layer, state)
+            self._restore_head_and_tau(lyr, state)
 
     def closeEvent(self, event):  # Qt's name
         self.save_now()
@@ -158,6 +177,7 @@ class PersistenceMixin:
                 self._save_token(token, lyr)
         self._retired = True
         self._cancel.set()
+        self._drop_pending_head()  # its Keep and Discard go with the dock: the head was never kept
         pairs = [
             (self.viewer.layers.events.inserted, self._on_layer_inserted),
             (self.viewer.layers.events.removed, self._on_layers_changed),

@@ -92,18 +92,26 @@ class RetrainingMixin:
             row = np.full(len(xy_all), -1)
             row[on_image] = np.arange(len(on_image))
             x = pipe.head.inputs(feats[on_image], xy_all[on_image], mpp) if pipe.head is not None else feats[on_image]
-            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, metadata={"image": image_layer.name})
+            # Nuclei the head in use learned from (it was kept from an earlier retrain) are not held out
+            # for it: both heads are scored on the others only. The new head remembers all of them.
+            old_learned = dict((getattr(pipe.head, "metadata", None) or {}).get("learned_from") or {})
+            seen = np.isin(nids[train], old_learned.get(image_key, []))
+            old_learned[image_key] = sorted({*old_learned.get(image_key, []), *nids[train].tolist()})
+            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, scored=~seen,
+                               metadata={"image": image_layer.name, "learned_from": old_learned})
             probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
             fit_info = getattr(res, "fit_info", None)
             if isinstance(fit_info, dict):
                 fit_info["features_s"] = t_feat
                 fit_info["points_sampled"] = len(missing)
+                fit_info["n_learned_before"] = int(seen.sum())
             return res, probs, len(missing)
 
         def done(result):
             res, probs, n_sampled = result
             new_ids = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
             changed = int((new_ids != current).sum())
+            self._drop_pending_head()  # retrained again before answering: the earlier head was never kept
             self.pending_retrain = {
                 "result": res, "token": token, "nids": nids[open_idx], "probs": probs, "changed": changed,
                 "n_open": len(open_idx), "names": names, "head_before": (self.pipeline.head, self.head_path),
@@ -128,14 +136,18 @@ class RetrainingMixin:
         lines = [f"Learned from {n_ex} of your nuclei" + (f" ({', '.join(f'{k} {v}' for k, v in per.items())})." if per else ".")]
         b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
         n_eval = getattr(res, "n_eval", None)
+        seen = (getattr(res, "fit_info", None) or {}).get("n_learned_before", 0)
+        left_out = f" (not the {seen} nuclei the old head learned from)" if seen else ""
         if b is not None and a is not None:
             if hasattr(res, "n_eval"):  # both heads scored on the same held-out folds of your nuclei
                 on = f" on the same {n_eval} held-out nuclei of yours" if n_eval else " on the same held-out folds"
-                lines.append(f"Accuracy{on}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
+                lines.append(f"Accuracy{on}{left_out}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
             else:  # an older retrain_head: the two figures are not measured the same way
                 lines.append(f"Accuracy on your nuclei: old head {100 * b:.1f}% (as is), new head {100 * a:.1f}% (cross-validated).")
             if a < b:
                 lines.append("The new head is worse on your nuclei: discarding it is advised.")
+        elif seen:
+            lines.append(f"Too few nuclei the old head has not learned from (it learned from {seen}) to compare the heads yet.")
         else:
             lines.append("Too few examples to estimate accuracy yet.")
         lines.append(f"{changed} of {n_open} unedited, unreviewed nuclei would change class.")
@@ -173,6 +185,12 @@ class RetrainingMixin:
         self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
         self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
         self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    def _drop_pending_head(self):
+        """Delete the head waiting for Keep or Discard, if any (it was never in use)."""
+        p, self.pending_retrain = self.pending_retrain, None
+        if p is not None:
+            self._delete_head_files(p["result"].path)
 
     @staticmethod
     def _delete_head_files(path):

@@ -201,6 +201,7 @@ class TrackingMixin:
             with self._quiet():
                 lyr.features = f
         self._adopt(lyr, img)
+        self._restore_settings_of_adopted(lyr, img)
 
     def _layer_keys(self) -> dict:
         """The keys the widget binds on its points layers (unbound again when the dock closes)."""

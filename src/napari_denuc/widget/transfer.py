@@ -94,6 +94,10 @@ class TransferMixin:
                 self._set_status(f"Exported to {p}")
             except DenucError as exc:
                 show_error(str(exc))
+            except OSError as exc:  # a read-only share, a full disk: the user's to fix, in one line
+                msg = f"Could not export to {path}: {exc.strerror or exc}. Choose another folder."
+                self._set_status(msg)
+                show_error(msg)
 
     def _import_dialog(self):
         path, _ = QFileDialog.getOpenFileName(self, "Import nuclei", "", "Points (*.geojson *.json *.geojson.gz *.csv)")
@@ -102,3 +106,7 @@ class TransferMixin:
                 self.import_points(path)
             except DenucError as exc:
                 show_error(str(exc))
+            except OSError as exc:  # unreadable (permissions, a share gone): one line, nothing changed
+                msg = f"Could not read {path}: {exc.strerror or exc}."
+                self._set_status(msg)
+                show_error(msg)

@@ -49,6 +49,8 @@ class WorkersMixin:
         def returned(result):
             ok, value = result
             if self._retired:  # the dock was closed meanwhile: the layers answer to the open widget now
+                if ok and on_cancelled is not None:  # e.g. a head trained for a dock no longer there
+                    on_cancelled(value)
                 return
             if ok and self._cancel.is_set():  # Cancel pressed after the last progress step: still cancelled
                 if on_cancelled is not None:
