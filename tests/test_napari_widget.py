@@ -766,18 +766,35 @@ def test_retrain_on_a_slide_reads_the_slide_around_new_nuclei(make_napari_viewer
 
 
 def test_retrain_skips_corrections_outside_the_image(opened, qtbot):
-    _, w = opened
+    """A nucleus added off the image and one dragged off it with the mouse have no pixels to learn
+    from (their features would be read at the clamped border): Retrain head leaves them out, says
+    how many, and Keep leaves them as they are."""
+    from napari_fakes import User
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
     lyr = detect(qtbot, w)
     n = len(lyr.data)
-    lyr.add(np.array([[-40.0, 100.0]]))  # above the image: no pixels to learn from
-    qtbot.waitUntil(lambda: len(lyr.data) == n + 1, timeout=5000)
-    lyr.selected_data = {0, n}
-    w.set_class_of_selected("stromal")
-    w.retrain()
+    w.class_combo.setCurrentText("tumor")
+    user.add_at(lyr, (-30.0, 100.0))  # above the image
+    top = int(np.argmin(lyr.data[:n, 0]))  # the nucleus nearest the top edge, dragged off it
+    src = lyr.data[top].copy()
+    user.select(lyr, src)
+    user.drag(src, (-15.0, src[1]))
+    qtbot.wait(400)  # the move settles into one undo step
+    user.select(lyr, lyr.data[n // 2].copy())
+    user.key(Qt.Key_3)
+    assert len(lyr.data) == n + 1 and (lyr.data[:, 0] < -0.5).sum() == 2
+    assert (lyr.features["source"].astype(str) == "edited").sum() == 3
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     assert w.pending_retrain is not None, w.status.text()
     assert w.last_result.n_examples == 1  # only the nucleus on the image
-    assert "Skipped 1 corrected nuclei outside the image" in w.retrain_report.text()
+    assert "Skipped 2 corrected nuclei outside the image" in w.retrain_report.text()
+    off = lyr.data[:, 0] < -0.5
+    before = classes(lyr)[off]
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    np.testing.assert_array_equal(classes(lyr)[off], before)
 
 
 # ------------------------------------------------------------------------- a user's own files (audit)
@@ -1347,3 +1364,42 @@ def test_export_to_a_folder_that_cannot_be_written_says_so_in_one_line(opened, q
     qtbot.mouseClick(next(b for b in w.findChildren(QPushButton) if b.text() == "Export…"), Qt.LeftButton)
     assert w.status.text().startswith("Could not export to") and "\n" not in w.status.text(), w.status.text()
     assert len(lyr.data) == n and not (blocker / "nuclei.geojson").exists()
+
+
+def test_import_of_a_larger_images_nuclei_skips_those_outside_this_image(make_napari_viewer, qtbot, env, sample_image, monkeypatch):
+    """A QuPath export made for a larger image (the whole slide, a bigger tile): Import… keeps the
+    nuclei on this image and says how many it skipped. Before, the others were merged in silently,
+    off the image, where no pixels describe them. A file with none on the image changes nothing."""
+    from qtpy.QtWidgets import QFileDialog, QPushButton
+
+    from napari_denuc.io.points import write_points
+    from napari_denuc.results import Detections
+    from napari_denuc.widget.coords import rc_to_xy
+
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    h, wd = sample_image.shape[:2]
+    rng = np.random.default_rng(4)
+    on = rng.uniform([0, 0], [wd - 1, h - 1], (30, 2))
+    off = np.concatenate([rng.uniform([wd, 0], [2 * wd, h], (8, 2)), rng.uniform([0, -300], [wd, -2], (4, 2))])
+    xy = np.concatenate([on, off])
+    src = np.array(["model"] * 30 + ["edited"] * 12, dtype=object)  # the other image's corrections, too
+    det = Detections(xy, np.full(42, 0.9), np.arange(42) % 2, ("tumor", "stromal"), source=src, reviewed=src == "edited")
+    path = write_points(env["tmp"] / "slide export.geojson", det)
+    far = write_points(env["tmp"] / "elsewhere.geojson", det.take(np.arange(30, 42)))
+    chosen = [str(path)]
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (chosen[0], "")))
+    import_btn = next(b for b in w.findChildren(QPushButton) if b.text() == "Import…")
+
+    qtbot.mouseClick(import_btn, Qt.LeftButton)
+    lyr = w.points_layer()
+    assert lyr is not None, w.status.text()
+    assert len(lyr.data) == 30 and not (lyr.features["source"].astype(str) == "edited").any()
+    np.testing.assert_allclose(np.sort(rc_to_xy(lyr.data), axis=0), np.sort(on, axis=0), atol=1e-3)
+    assert "Imported 30 nuclei" in w.status.text() and "skipped 12 outside the image" in w.status.text(), w.status.text()
+
+    chosen[0] = str(far)
+    data, cls = lyr.data.copy(), classes(lyr)
+    qtbot.mouseClick(import_btn, Qt.LeftButton)  # replace would empty the layer: refused before asking
+    np.testing.assert_array_equal(lyr.data, data)
+    np.testing.assert_array_equal(classes(lyr), cls)
+    assert "none of its 12 nuclei lie on" in w.status.text(), w.status.text()

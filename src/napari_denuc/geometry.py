@@ -22,3 +22,14 @@ def rescale_points(xy, factor):
     if np.all(factor == 1.0):
         return xy.copy()
     return (xy + 0.5) * factor - 0.5
+
+
+def inside_image(xy, shape) -> np.ndarray:
+    """Which points ``xy`` (N, 2) lie on an image of ``shape`` ``(h, w, ...)``: boolean (N,).
+
+    The one rule for "on the image" (pixel ``i`` covers ``[i - 0.5, i + 0.5)``): a point off the
+    image has no pixels to describe it, so its features would be read at a clamped border.
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    h, w = shape[:2]
+    return (xy[:, 0] >= -0.5) & (xy[:, 0] < w - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] < h - 0.5)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import inside_image
 
 
 @dataclass
@@ -48,7 +49,7 @@ def clean_points(points, labels, shape, source: str):
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     h, w = shape[:2]
-    inside = (points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) & (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5)
+    inside = inside_image(points, shape)
     if not inside.all():
         warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image", stacklevel=3)
     return points[inside], labels[inside]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DenucError
+from ..geometry import inside_image
 
 UNCLASSIFIED = "Unclassified"  # what io.geojson names objects without a classification
 REQUIRED_COLUMNS = ("slide", "points")
@@ -201,7 +202,7 @@ def load_slides(list_paths, class_map: dict | None = None, class_names=None, log
             mpp0, _ = resolve_mpp(src, mpp)
             w, h = src.dimensions
             reader = src.reader
-        inside = (xy[:, 0] >= -0.5) & (xy[:, 0] < w - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] < h - 0.5)
+        inside = inside_image(xy, (h, w))
         skipped["outside"] = int((~inside).sum())
         if skipped["outside"]:
             warnings.warn(f"{pts_path}: skipped {skipped['outside']} point(s) outside the {w}x{h} slide {slide.name}", stacklevel=2)

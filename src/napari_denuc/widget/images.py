@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..geometry import inside_image
 from ..io.images import DEFAULT_MPP
 from . import layer as L
 from . import session
@@ -47,6 +48,12 @@ class ImagesMixin:
     def image_path(layer) -> str | None:
         p = getattr(getattr(layer, "source", None), "path", None) or layer.metadata.get("path")
         return str(p) if p else None
+
+    @staticmethod
+    def on_image(layer, xy):
+        """Which points ``xy`` (x, y) lie on the image's full-resolution pixels (``geometry.inside_image``)."""
+        full = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        return inside_image(xy, full.shape)
 
     def image_mpp(self, layer) -> tuple[float, bool]:
         """(mpp, assumed): from the layer metadata, else the TIFF tags, else 0.5 (assumed)."""

@@ -36,9 +36,7 @@ class RetrainingMixin:
             return
         xy_all = rc_to_xy(lyr.data)
         # A point placed off the image has no pixels to describe it: it must not teach the head.
-        full = image_layer.data[0] if getattr(image_layer, "multiscale", False) else image_layer.data
-        h, w = full.shape[:2]
-        inside = (xy_all[:, 0] >= -0.5) & (xy_all[:, 0] <= w - 0.5) & (xy_all[:, 1] >= -0.5) & (xy_all[:, 1] <= h - 0.5)
+        inside = self.on_image(image_layer, xy_all)
         n_outside = int((train & ~inside).sum())
         open_mask = ~train & inside  # unedited, unreviewed, on the image: what a new head may reclassify
         train = train & inside

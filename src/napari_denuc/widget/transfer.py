@@ -37,6 +37,12 @@ class TransferMixin:
         if image_layer is None:
             raise DenucError("open the image these nuclei belong to first, then import")
         det = read_points(path)
+        # A file made for a larger image (a whole slide, a bigger tile): only the nuclei on this one.
+        on = self.on_image(image_layer, det.xy)
+        n_off = int((~on).sum())
+        if n_off == len(det) and n_off:
+            raise DenucError(f"none of its {n_off} nuclei lie on {image_layer.name}: is {Path(path).name} the file for another image?")
+        det = det.take(on)
         src = getattr(det, "source", None)
         rev = getattr(det, "reviewed", None)
         lyr = self.points_layer(image_layer) or self._maybe_restore(image_layer)  # a deleted layer's saved work
@@ -69,6 +75,8 @@ class TransferMixin:
         self._record(lyr, f"import ({mode})")
         self._sync_classes()
         msg = f"Imported {n_added} nuclei from {Path(path).name} ({mode})."
+        if n_off:
+            msg = f"{msg[:-1]}; skipped {n_off} outside the image."
         if n_skipped:
             msg += f" {n_skipped} fell on your edited or reviewed nuclei and were skipped."
         self._set_status(msg, L.token_of(lyr))
@@ -105,6 +113,7 @@ class TransferMixin:
             try:
                 self.import_points(path)
             except DenucError as exc:
+                self._set_status(str(exc))
                 show_error(str(exc))
             except OSError as exc:  # unreadable (permissions, a share gone): one line, nothing changed
                 msg = f"Could not read {path}: {exc.strerror or exc}."
