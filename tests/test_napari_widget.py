@@ -1403,3 +1403,65 @@ def test_import_of_a_larger_images_nuclei_skips_those_outside_this_image(make_na
     np.testing.assert_array_equal(lyr.data, data)
     np.testing.assert_array_equal(classes(lyr), cls)
     assert "none of its 12 nuclei lie on" in w.status.text(), w.status.text()
+
+
+def test_bundled_head_one_click_away_after_later_edits_and_a_restart(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Retrain, keep, edit more, restart napari: Undo no longer reaches the bundled head. *Use bundled
+    head* brings it back in one click: it reclassifies the unedited, unreviewed nuclei in the
+    background, leaves edited and reviewed ones alone, and is one undo step. Before, the bundled
+    head could only be found through the head file dialog, which did not reclassify anything."""
+    from napari_fakes import FakeEncoder, User, fake_head, fake_pipeline
+    from scipy.spatial import cKDTree
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.widget import models
+
+    bundled = fake_head(gt[0], gt[1], sample_image)
+
+    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+        return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
+
+    monkeypatch.setattr(models, "make_pipeline", factory)
+    monkeypatch.setattr(models, "bundled_head", lambda encoder: bundled)
+    png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    assert not w.bundled_btn.isVisible()  # the bundled head is in use
+    lyr = detect(qtbot, w)
+    _, j = cKDTree(gt[0]).query(lyr.data[:, ::-1])
+    wrong = (gt[1][j] + 1) % 3  # corrections that pull the new head away from the bundled one
+    label_like_gt(w, lyr, wrong, np.arange(0, 120, 3))
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    kept = w.head_path
+    assert kept and w.bundled_btn.isVisible()
+    user = User(viewer, qtbot)
+    user.select(lyr, lyr.data[200].copy())
+    user.key(Qt.Key_R)  # a later edit: Undo would now undo that first
+    wait_saved(qtbot, w)
+    viewer.close()
+
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(png))
+    w2 = open_widget(viewer2, qtbot)
+    lyr2 = w2.points_layer()
+    assert lyr2 is not None and w2.head_path == kept and w2.bundled_btn.isVisible()
+    f = lyr2.features
+    mine = (f["source"].astype(str) == "edited").to_numpy() | f["reviewed"].to_numpy()
+    cls_kept = classes(lyr2)
+    qtbot.mouseClick(w2.bundled_btn, Qt.LeftButton)
+    assert w2.is_busy()  # in the worker: the dock stays responsive
+    qtbot.waitUntil(lambda: not w2.is_busy(), timeout=30000)
+    assert w2.pipeline.head is bundled and w2.head_path is None, w2.status.text()
+    assert w2.head_label.text() == "bundled" and not w2.bundled_btn.isVisible()
+    xy = lyr2.data[:, ::-1]
+    expect = bundled.predict(bundled.inputs(w2.pipeline.features_at(sample_image, xy, 0.5), xy, 0.5))
+    now = lyr2.features["class"].cat.codes.to_numpy()
+    np.testing.assert_array_equal(now[~mine], expect[~mine])
+    np.testing.assert_array_equal(classes(lyr2)[mine], cls_kept[mine])  # the user's word stands
+    assert (classes(lyr2) != cls_kept).any()
+    wait_saved(qtbot, w2)
+    assert json.loads((env["tmp"] / "my tile.png.denuc.json").read_text())["head"] is None  # and so does the next restart
+    User(viewer2, qtbot).key(Qt.Key_Z, Qt.ControlModifier)  # one step back: the kept head and its classes
+    assert w2.head_path == kept
+    np.testing.assert_array_equal(classes(lyr2), cls_kept)
+

@@ -24,6 +24,16 @@ def make_pipeline(detector=None, encoder=None, head=None):
     return Pipeline.from_defaults(detector=detector, encoder=encoder, head=head)
 
 
+def bundled_head(encoder):
+    """The head shipped for ``encoder`` (what the pipeline uses when none is chosen), loaded; None
+    when there is none. A module-level function so tests can substitute theirs."""
+    from ..head import LinearHead
+    from ..pipeline import bundled_head_path
+
+    path = bundled_head_path(getattr(encoder, "id", "") or "")
+    return LinearHead.load(path, encoder=encoder) if path is not None and path.is_file() else None
+
+
 def encoder_choices() -> list[str]:
     from ..encoders import list_encoders
 
@@ -63,11 +73,7 @@ class ModelsMixin:
             self.encoder_combo.blockSignals(True)
             self.encoder_combo.setItemText(0, f"default ({name})" if name else "default")
             self.encoder_combo.blockSignals(False)
-        if self.head_path is not None:
-            self.head_label.setText(Path(self.head_path).name)
-        else:
-            head = getattr(pipe, "head", None)
-            self.head_label.setText("bundled" if head is not None else "none (add classes, retrain)")
+        self._show_head()
         if self.points_layer() is None:
             self._sync_classes()
 
@@ -146,6 +152,7 @@ class ModelsMixin:
         self._invalidate_pipeline()
         self.head_path = None
         self.head_label.setText("default")
+        self.bundled_btn.setVisible(False)
 
     def _choose_head(self):
         path, _ = QFileDialog.getOpenFileName(self, "Head", str(session.heads_dir(self.project_dir)), "Head (*.safetensors)")
@@ -166,5 +173,14 @@ class ModelsMixin:
                         return
                 self.pipeline.head = head
         self.head_path = None if path is None else str(path)
-        self.head_label.setText(Path(path).name if path else "default")
+        self._show_head()
         self._sync_classes()
+
+    def _show_head(self):
+        """The head's name, and the way back to the bundled head whenever another one is in use."""
+        if self.head_path is not None:
+            self.head_label.setText(Path(self.head_path).name)
+        else:
+            head = getattr(self.pipeline, "head", None)
+            self.head_label.setText("bundled" if head is not None else "none (add classes, retrain)")
+        self.bundled_btn.setVisible(self.head_path is not None)

@@ -279,7 +279,15 @@ class PanelMixin:
         self.retrain_btn = QPushButton("Retrain head")
         self.retrain_btn.setToolTip("Learn from your reviewed and edited nuclei; you see before/after and choose to keep it")
         self.retrain_btn.clicked.connect(self.retrain)
-        v.addWidget(self.retrain_btn)
+        self.bundled_btn = QPushButton("Use bundled head")
+        self.bundled_btn.setToolTip("Go back to the head the plugin ships with: your unedited, unreviewed nuclei "
+                                    "are reclassified by it (Undo reverts); edited and reviewed ones stay as they are")
+        self.bundled_btn.clicked.connect(self.use_bundled_head)
+        self.bundled_btn.setVisible(False)  # shown while another head is in use
+        row = QHBoxLayout()
+        row.addWidget(self.retrain_btn, 1)
+        row.addWidget(self.bundled_btn)
+        v.addLayout(row)
         self.retrain_report = QLabel("")
         self.retrain_report.setWordWrap(True)
         v.addWidget(self.retrain_report)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DenucError
 from ..geometry import rescale_points
 from . import layer as L
 from . import session
@@ -50,38 +51,17 @@ class RetrainingMixin:
         open_idx = np.flatnonzero(open_mask)
         current = L.class_ids(lyr)[open_idx]
         mpp = float(self.mpp_spin.value())
-        data = image_layer.data
-        multiscale = bool(getattr(image_layer, "multiscale", False))
-        meta = dict(getattr(image_layer, "metadata", None) or {})
-        slide_path = meta.get("path") if meta.get("slide") else None  # opened by the slide reader
-        image_key = self._image_key(image_layer)
+        source = self._feature_source(image_layer)
+        image_key = source["key"]
         project = self.project_dir
         token = L.token_of(lyr)
 
         def job():
-            from ..io.images import as_rgb_uint8
             from ..retrain import retrain_head
 
             pipe = self._ensure_pipeline()
-            model_mpp = float(getattr(pipe.encoder, "mpp", 0.5) or 0.5)
-            arr, fct = self._level_for(image_layer, model_mpp, mpp) if multiscale else (data, 1.0)
             t0 = time.perf_counter()
-            key = (image_key, getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
-            feats, found = self.features_memo.get(key, xy_all)
-            missing = np.flatnonzero(~found & inside)  # only nuclei the encoder has not seen (added, moved)
-            if len(missing) and slide_path:
-                # A slide: read only the encoder windows around these nuclei, never a whole level.
-                from ..wsi.slide_features import slide_features
-
-                new = slide_features(pipe.encoder, slide_path, xy_all[missing], mpp=mpp, progress=self._progress_cb)
-            elif len(missing):
-                image = as_rgb_uint8(np.asarray(arr))
-                new = pipe.features_at(image, rescale_points(xy_all[missing], 1.0 / fct), mpp * fct, progress=self._progress_cb)
-            if len(missing):
-                self.features_memo.put(key, xy_all[missing], new)
-                if feats is None:
-                    feats = np.zeros((len(xy_all), new.shape[1]), np.float32)
-                feats[missing] = new
+            feats, n_sampled = self._features_of(source, xy_all, inside, mpp, pipe)
             t_feat = time.perf_counter() - t0
             enc_id = getattr(pipe.encoder, "id", "") or "encoder"
             path = session.next_head_path(session.heads_dir(project), enc_id)
@@ -101,9 +81,9 @@ class RetrainingMixin:
             fit_info = getattr(res, "fit_info", None)
             if isinstance(fit_info, dict):
                 fit_info["features_s"] = t_feat
-                fit_info["points_sampled"] = len(missing)
+                fit_info["points_sampled"] = n_sampled
                 fit_info["n_learned_before"] = int(seen.sum())
-            return res, probs, len(missing)
+            return res, probs, n_sampled
 
         def done(result):
             res, probs, n_sampled = result
@@ -112,7 +92,7 @@ class RetrainingMixin:
             self._drop_pending_head()  # retrained again before answering: the earlier head was never kept
             self.pending_retrain = {
                 "result": res, "token": token, "nids": nids[open_idx], "probs": probs, "changed": changed,
-                "n_open": len(open_idx), "names": names, "head_before": (self.pipeline.head, self.head_path),
+                "n_open": len(open_idx), "names": names,
             }
             self.timings["retrain_s"] = time.perf_counter() - self._t_press
             self.last_result = res
@@ -126,6 +106,43 @@ class RetrainingMixin:
             self._set_status("Keep the new head or discard it (nothing has changed yet).")
 
         self._start_worker(job, done, "Retraining the head", on_cancelled=lambda r: self._delete_head_files(r[0].path))
+
+    def _feature_source(self, image_layer) -> dict:
+        """What a worker needs to read features on ``image_layer`` (taken on the GUI thread)."""
+        meta = dict(getattr(image_layer, "metadata", None) or {})
+        return {"layer": image_layer, "data": image_layer.data, "multiscale": bool(getattr(image_layer, "multiscale", False)),
+                "slide": meta.get("path") if meta.get("slide") else None,  # opened by the slide reader
+                "key": self._image_key(image_layer)}
+
+    def _features_of(self, source, xy_all, inside, mpp, pipe):
+        """(features (N, D), how many were newly sampled) of the nuclei ``xy_all``, in the worker.
+
+        From what Detect & classify kept; only nuclei on the image the encoder has not seen (added,
+        moved) go through it. Rows off the image stay zero (nothing may learn from or reclassify them).
+        """
+        from ..io.images import as_rgb_uint8
+
+        model_mpp = float(getattr(pipe.encoder, "mpp", 0.5) or 0.5)
+        arr, fct = self._level_for(source["layer"], model_mpp, mpp) if source["multiscale"] else (source["data"], 1.0)
+        key = (source["key"], getattr(pipe.encoder, "id", ""), round(mpp, 6), fct)
+        feats, found = self.features_memo.get(key, xy_all)
+        missing = np.flatnonzero(~found & inside)
+        if len(missing) and source["slide"]:
+            # A slide: read only the encoder windows around these nuclei, never a whole level.
+            from ..wsi.slide_features import slide_features
+
+            new = slide_features(pipe.encoder, source["slide"], xy_all[missing], mpp=mpp, progress=self._progress_cb)
+        elif len(missing):
+            image = as_rgb_uint8(np.asarray(arr))
+            new = pipe.features_at(image, rescale_points(xy_all[missing], 1.0 / fct), mpp * fct, progress=self._progress_cb)
+        if len(missing):
+            self.features_memo.put(key, xy_all[missing], new)
+            if feats is None:
+                feats = np.zeros((len(xy_all), new.shape[1]), np.float32)
+            feats[missing] = new
+        if feats is None:  # nothing on the image: no features to read
+            feats = np.zeros((len(xy_all), int(getattr(pipe.encoder, "feature_dim", 0) or 0)), np.float32)
+        return feats, len(missing)
 
     @staticmethod
     def _retrain_summary(res, changed, n_open, n_sampled) -> str:
@@ -166,23 +183,83 @@ class RetrainingMixin:
             self.retrain_report.setText(self.retrain_report.text() + "\nDiscarded: the previous head stays.")
             self._set_status("New head discarded; your head and classes are unchanged.")
             return
+        changed = self._apply_head(lyr, p["nids"], p["probs"], res.head, res.path, "retrain")
+        self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
+        self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+
+    def _apply_head(self, lyr, nids, probs, head, path, label) -> int:
+        """Use ``head`` (file ``path``, None: bundled) and give nuclei ``nids`` its ``probs`` (over its
+        classes), except those edited or reviewed since: one undo step, which also restores the head
+        before. Returns how many nuclei changed class."""
+        from ..results import Detections
+
         self._begin_step(lyr)
+        ids = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+        if tuple(head.class_names) != tuple(L.class_names(lyr)):  # e.g. the bundled head lacks a class the user added
+            det = Detections(np.zeros((len(ids), 2)), np.zeros(len(ids)), ids, head.class_names, head.class_colors, probs)
+            det = self._classes_onto_layer(lyr, det)
+            ids, probs = det.class_ids, det.probs
         f = lyr.features
-        nids = np.asarray(f["nid"], dtype=np.int64)
-        pos = {int(n): i for i, n in enumerate(nids)}
-        rows = np.array([pos.get(int(n), -1) for n in p["nids"]], dtype=np.int64)
+        pos = {int(n): i for i, n in enumerate(np.asarray(f["nid"], dtype=np.int64))}
+        rows = np.array([pos.get(int(n), -1) for n in nids], dtype=np.int64)
         ok = rows >= 0
         if ok.any():
             edited, reviewed = L.flags(f, len(f))
             ok &= ~(edited | reviewed)[np.where(rows >= 0, rows, 0)]  # answered since: the user's word stands
-        probs = p["probs"][ok]
-        new_f, changed = L.with_predictions(f, rows[ok], probs.argmax(1) if len(probs) else [], probs)
-        before = p["head_before"]
-        self.set_head(res.path, res.head)
+        new_f, changed = L.with_predictions(f, rows[ok], ids[ok], probs[ok])
+        before = (self.pipeline.head, self.head_path)
+        self.set_head(path, head)
         self._write(lyr, features=new_f)
-        self._record(lyr, "retrain", extra={"head_before": before, "head_after": (res.head, str(res.path))})
-        self.retrain_report.setText(self.retrain_report.text() + f"\nKept: {changed} nuclei changed class.")
-        self._set_status(f"New head {Path(res.path).name} in use; {changed} nuclei changed class (Undo reverts).")
+        self._record(lyr, label, extra={"head_before": before, "head_after": (head, None if path is None else str(path))})
+        return changed
+
+    def use_bundled_head(self):
+        """Back to the head the plugin ships with: it reclassifies the unedited, unreviewed nuclei on the
+        image (in the background; one undo step, which restores the head before). Edited and reviewed
+        nuclei keep their classes."""
+        from . import models
+
+        if self._worker is not None or self.head_path is None:
+            return
+        lyr, image_layer = self.points_layer(), self.image_layer()
+        token = L.token_of(lyr) if lyr is not None and image_layer is not None else None
+        xy_all, inside, open_idx, nids, source = np.zeros((0, 2)), np.zeros(0, bool), np.zeros(0, np.int64), [], None
+        if token is not None:
+            self._flush_moves()
+            edited, reviewed = L.flags(lyr.features, len(lyr.data))
+            xy_all = rc_to_xy(lyr.data)
+            inside = self.on_image(image_layer, xy_all)
+            open_idx = np.flatnonzero(~(edited | reviewed) & inside)
+            nids = np.asarray(lyr.features["nid"], dtype=np.int64)[open_idx]
+            source = self._feature_source(image_layer)
+        mpp = float(self.mpp_spin.value())
+
+        def job():
+            pipe = self._ensure_pipeline()
+            head = models.bundled_head(pipe.encoder)
+            if head is None:
+                raise DenucError(f"encoder {getattr(pipe.encoder, 'id', '')!r} has no bundled head; choose a head file (Models > Head)")
+            if not len(open_idx):
+                return head, np.zeros((0, head.num_classes), np.float32)
+            feats, _ = self._features_of(source, xy_all, inside, mpp, pipe)
+            on_image = np.flatnonzero(inside)  # every nucleus on the image is context for the head
+            row = np.full(len(xy_all), -1)
+            row[on_image] = np.arange(len(on_image))
+            x = head.inputs(feats[on_image], xy_all[on_image], mpp)
+            return head, np.asarray(head.predict_proba(x[row[open_idx]]), dtype=np.float32)
+
+        def done(result):
+            head, probs = result
+            lyr = self._layer_by_token(token) if token is not None else None
+            if lyr is None:
+                self.set_head(None, head)
+                self._set_status("Bundled head in use.")
+                return
+            changed = self._apply_head(lyr, nids, probs, head, None, "use bundled head")
+            self.progress_bar.setValue(100)
+            self._set_status(f"Bundled head in use; {changed} unedited nuclei changed class (Undo reverts).")
+
+        self._start_worker(job, done, "Switching to the bundled head")
 
     def _drop_pending_head(self):
         """Delete the head waiting for Keep or Discard, if any (it was never in use)."""

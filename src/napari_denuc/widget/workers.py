@@ -32,8 +32,8 @@ class WorkersMixin:
     def _start_worker(self, fn, on_done, title, on_cancelled=None):
         prepare_for_torch()
         self._cancel.clear()
-        self.run_btn.setEnabled(False)
-        self.retrain_btn.setEnabled(False)
+        for b in (self.run_btn, self.retrain_btn, self.bundled_btn):
+            b.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         if not self._loading:
             self.progress_bar.setValue(0)
@@ -97,8 +97,8 @@ class WorkersMixin:
 
     def _on_worker_finished(self):
         self._worker = None
-        self.run_btn.setEnabled(True)
-        self.retrain_btn.setEnabled(True)
+        for b in (self.run_btn, self.retrain_btn, self.bundled_btn):
+            b.setEnabled(True)
         self.cancel_btn.setEnabled(False)
         if self._napari_progress is not None:
             self._napari_progress.close()
