@@ -1465,3 +1465,33 @@ def test_bundled_head_one_click_away_after_later_edits_and_a_restart(make_napari
     assert w2.head_path == kept
     np.testing.assert_array_equal(classes(lyr2), cls_kept)
 
+
+def test_keep_says_keep_anyway_when_the_new_head_is_worse(opened, qtbot, monkeypatch):
+    """The report says the new head is worse on the user's held-out nuclei: the Keep button says
+    "Keep anyway" and Discard has the focus, so the safe answer is the obvious one (Space, Enter).
+    A head that is not worse is offered plainly again."""
+    import napari_denuc.retrain as R
+
+    _, w = opened
+    lyr = detect(qtbot, w)
+    lyr.selected_data = set(range(0, 60, 2))
+    w.set_class_of_selected("stromal")
+    worse = [True]
+
+    def held_out(*a, **k):  # the held-out measurement the report shows: worse, then better
+        return (0.9, 0.6, 30, 2) if worse[0] else (0.6, 0.9, 30, 2)
+
+    monkeypatch.setattr(R, "held_out_accuracy", held_out)
+    head0 = w.pipeline.head
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert "The new head is worse" in w.retrain_report.text(), w.retrain_report.text()
+    assert w.keep_btn.text() == "Keep anyway" and w.keep_btn.isVisible()
+    assert w.discard_btn.window().focusWidget() is w.discard_btn  # keyboard focus whenever the window is active
+    assert w.discard_btn.isDefault() and not w.keep_btn.isDefault()
+    qtbot.keyClick(w.discard_btn, Qt.Key_Space)  # the obvious answer
+    assert w.pending_retrain is None and w.pipeline.head is head0
+    worse[0] = False
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert "worse" not in w.retrain_report.text() and w.keep_btn.text() == "Keep new head"

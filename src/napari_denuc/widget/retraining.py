@@ -100,8 +100,7 @@ class RetrainingMixin:
             if n_outside:
                 self.last_summary += f"\nSkipped {n_outside} corrected nuclei outside the image."
             self.retrain_report.setText(self.last_summary)
-            self.keep_btn.setVisible(True)
-            self.discard_btn.setVisible(True)
+            self._offer_keep_or_discard(self._new_head_worse(res))
             self.progress_bar.setValue(100)
             self._set_status("Keep the new head or discard it (nothing has changed yet).")
 
@@ -159,7 +158,7 @@ class RetrainingMixin:
                 lines.append(f"Accuracy{on}{left_out}: old head {100 * b:.1f}% → new head {100 * a:.1f}%.")
             else:  # an older retrain_head: the two figures are not measured the same way
                 lines.append(f"Accuracy on your nuclei: old head {100 * b:.1f}% (as is), new head {100 * a:.1f}% (cross-validated).")
-            if a < b:
+            if RetrainingMixin._new_head_worse(res):
                 lines.append("The new head is worse on your nuclei: discarding it is advised.")
         elif seen:
             lines.append(f"Too few nuclei the old head has not learned from (it learned from {seen}) to compare the heads yet.")
@@ -168,6 +167,22 @@ class RetrainingMixin:
         lines.append(f"{changed} of {n_open} unedited, unreviewed nuclei would change class.")
         lines.append(f"Features: {n_sampled} nuclei newly sampled, the rest from the cache.")
         return "\n".join(lines)
+
+    @staticmethod
+    def _new_head_worse(res) -> bool:
+        """The new head scored below the old one on the user's held-out nuclei."""
+        b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
+        return b is not None and a is not None and a < b
+
+    def _offer_keep_or_discard(self, worse: bool):
+        """Keep and Discard; a worse head is kept only "anyway", and Discard has the focus (Space, Enter)."""
+        self.keep_btn.setText("Keep anyway" if worse else "Keep new head")
+        self.keep_btn.setToolTip("The new head is worse on your held-out nuclei; Discard is advised" if worse else "")
+        for b in (self.keep_btn, self.discard_btn):
+            b.setVisible(True)
+        self.discard_btn.setDefault(worse)
+        if worse:
+            self.discard_btn.setFocus()
 
     def answer_retrain(self, keep: bool):
         """Keep (apply the new head to unedited nuclei, undoable) or discard (nothing changes) the new head."""
