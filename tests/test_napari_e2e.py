@@ -99,6 +99,23 @@ def test_end_to_end(qtbot, make_napari_viewer, env):
     np.testing.assert_allclose(lyr.data, data, atol=1e-3)
     np.testing.assert_array_equal(lyr.features["class"].astype(str).to_numpy(), classes)
 
+    # back to the bundled head in one click: it reclassifies the unedited, unreviewed nuclei only
+    from napari_denuc.head import LinearHead
+    from napari_denuc.pipeline import bundled_head_path
+
+    assert w.bundled_btn.isVisible()
+    qtbot.mouseClick(w.bundled_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120000)
+    assert w.head_path is None, w.status.text()
+    shipped = LinearHead.load(bundled_head_path("lite"), encoder=w.pipeline.encoder)
+    np.testing.assert_array_equal(w.pipeline.head.state_tensors()["weight"], shipped.state_tensors()["weight"])
+    f = lyr.features
+    mine = (f["source"].astype(str) == "edited").to_numpy() | f["reviewed"].to_numpy()
+    xy = lyr.data[:, ::-1]
+    expect = shipped.predict(shipped.inputs(w.pipeline.features_at(image, xy, 0.5), xy, 0.5))
+    np.testing.assert_array_equal(f["class"].cat.codes.to_numpy()[~mine], expect[~mine])
+    np.testing.assert_array_equal(f["class"].astype(str).to_numpy()[mine], classes[mine])
+
 
 MONUSEG_TIF = "/work/shared/data/monuseg_subset/TCGA-21-5784-01Z-00-DX1.tif"
 

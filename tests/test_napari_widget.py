@@ -1422,7 +1422,7 @@ def test_bundled_head_one_click_away_after_later_edits_and_a_restart(make_napari
         return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
 
     monkeypatch.setattr(models, "make_pipeline", factory)
-    monkeypatch.setattr(models, "bundled_head", lambda encoder: bundled)
+    monkeypatch.setattr(models, "bundled_head", lambda name, encoder: bundled)
     png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     assert not w.bundled_btn.isVisible()  # the bundled head is in use
     lyr = detect(qtbot, w)

@@ -24,13 +24,14 @@ def make_pipeline(detector=None, encoder=None, head=None):
     return Pipeline.from_defaults(detector=detector, encoder=encoder, head=head)
 
 
-def bundled_head(encoder):
-    """The head shipped for ``encoder`` (what the pipeline uses when none is chosen), loaded; None
-    when there is none. A module-level function so tests can substitute theirs."""
+def bundled_head(name, encoder):
+    """The head shipped for the encoder registered as ``name`` (None: the default encoder), loaded for
+    ``encoder``: what ``Pipeline.from_defaults`` uses when no head is chosen. None when there is none.
+    A module-level function so tests can substitute theirs."""
     from ..head import LinearHead
-    from ..pipeline import bundled_head_path
+    from ..pipeline import bundled_head_path, default_encoder_name
 
-    path = bundled_head_path(getattr(encoder, "id", "") or "")
+    path = bundled_head_path(name or default_encoder_name())  # by registry name: encoder.id carries a version
     return LinearHead.load(path, encoder=encoder) if path is not None and path.is_file() else None
 
 

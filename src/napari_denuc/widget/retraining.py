@@ -248,12 +248,13 @@ class RetrainingMixin:
             nids = np.asarray(lyr.features["nid"], dtype=np.int64)[open_idx]
             source = self._feature_source(image_layer)
         mpp = float(self.mpp_spin.value())
+        encoder_name = self.encoder_name
 
         def job():
             pipe = self._ensure_pipeline()
-            head = models.bundled_head(pipe.encoder)
+            head = models.bundled_head(encoder_name, pipe.encoder)
             if head is None:
-                raise DenucError(f"encoder {getattr(pipe.encoder, 'id', '')!r} has no bundled head; choose a head file (Models > Head)")
+                raise DenucError(f"encoder {encoder_name or 'default'!r} has no bundled head; choose a head file (Models > Head)")
             if not len(open_idx):
                 return head, np.zeros((0, head.num_classes), np.float32)
             feats, _ = self._features_of(source, xy_all, inside, mpp, pipe)
