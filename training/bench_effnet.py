@@ -18,7 +18,7 @@ import numpy as np
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--encoder", default="effnet-lite0")
+    ap.add_argument("--encoder", default="effnet-lite0-nuclei")
     ap.add_argument("--root", default="../shared/data/brca_m2c")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")

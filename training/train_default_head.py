@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--class-weight", help="none or balanced; default: as --weight-decay")
     ap.add_argument("--context-um", type=float, default=0.0, help="neighbourhood context radius (0: none)")
     ap.add_argument("--loso-json", default="docs/results/loso_heads.json")
+    ap.add_argument("--loso-config", help="the configuration's name in --loso-json when it differs from --config "
+                    "(e.g. eff0ft-{site}|lite: fold encoders, for the all-tile eff0ft-none|lite)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -43,7 +45,7 @@ def main():
     from napari_denuc.retrain import prior_sample
 
     rows = json.loads(Path(a.loso_json).read_text())["rows"] if Path(a.loso_json).is_file() else []
-    mine = [r for r in rows if r["config"] == a.config and r.get("context_um", 0.0) == a.context_um]
+    mine = [r for r in rows if r["config"] == (a.loso_config or a.config) and r.get("context_um", 0.0) == a.context_um]
     if a.weight_decay is None or a.class_weight is None:
         if not mine:
             raise SystemExit(f"no LOSO rows for {a.config} at context {a.context_um:g} um in {a.loso_json}: give --weight-decay and --class-weight")
@@ -70,7 +72,7 @@ def main():
     cw = None if a.class_weight == "none" else a.class_weight
     fit = head.fit(x, y, class_weight=cw, weight_decay=a.weight_decay)
     head.prior = prior_sample(x, y, names)
-    loso = next((r for r in mine if r["class_weight"] == cw and r["weight_decay"] == a.weight_decay), None)
+    loso = next((r for r in mine if (r["class_weight"] or None) == cw and r["weight_decay"] == a.weight_decay), None)
     head.save(a.out, metadata={"training": {
         "data": "BRCA-M2C train + val (90 tiles, sites A7, A8, AC), ground-truth points",
         "recipe": " ".join(sys.argv), **fit},

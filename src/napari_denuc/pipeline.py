@@ -15,10 +15,11 @@ from .results import Detections
 
 # Heads shipped in weights/, per encoder. Both encoders read the neck of a frozen detector of
 # their own (encoders.lite.bundled_neck), so the heads fit any detector.
-BUNDLED_HEADS = {"effnet-lite0": "effnet_lite0_head.safetensors", "lite": "lite_head.safetensors"}
+BUNDLED_HEADS = {"effnet-lite0-nuclei": "effnet_lite0_nuclei_head.safetensors", "effnet-lite0": "effnet_lite0_head.safetensors",
+                 "lite": "lite_head.safetensors"}
 
 
-def bundled_head_path(encoder: str = "effnet-lite0") -> Path | None:
+def bundled_head_path(encoder: str = "effnet-lite0-nuclei") -> Path | None:
     """The head shipped for ``encoder`` (None when there is none)."""
     name = BUNDLED_HEADS.get(encoder)
     return Path(str(resources.files("napari_denuc") / "weights" / name)) if name else None

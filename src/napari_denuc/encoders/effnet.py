@@ -10,6 +10,11 @@ chose the native 0.5 mpp plus ``lite``'s features (``lite=``: the stain filter b
 of hematoxylin/eosin structure and ring context, and a frozen detector's neck), which together scored
 higher than 2x at a third of its cost (docs/benchmarks.md).
 
+``effnet-lite0-nuclei`` is the same network with its last four stages fine-tuned on the three
+BRCA-M2C classes under stain, colour, blur, JPEG and scale augmentation
+(``training/probe_finetune_effnet.py``): ``tuned=`` a safetensors state dict of the whole
+features-only network, shipped in ``weights/`` (it needs no wheel).
+
 Geometry: every strided layer is an odd-sized convolution padded by half its size, so output
 cell ``i`` of a stride-``s`` map is centred on input pixel ``s * i`` (not ``s * i + (s - 1) / 2``
 as for a patch embedding): a point at pixel ``x`` sits at fractional cell ``x / s``.
@@ -37,7 +42,7 @@ class EffNetEncoder(Encoder):
     align = 32  # window sides are multiples of the coarsest stride, so all maps tile exactly
 
     def __init__(self, variant: str = "lite0", mpp: float = 0.5, stages=(0, 1, 2, 3, 4), lite=None,
-                 pretrained: bool = True, device=None, window=None, overlap=None, **_ignored):
+                 pretrained: bool = True, tuned=None, device=None, window=None, overlap=None, **_ignored):
         import torch
 
         if lite is not None and abs(lite.mpp - mpp) > 1e-6:
@@ -45,7 +50,10 @@ class EffNetEncoder(Encoder):
         self.variant = variant
         self.stages = tuple(int(s) for s in stages)
         self.device = pick_device(device)
-        model = efficientnet_lite(variant, pretrained=pretrained, features_only=True, out_indices=self.stages)
+        model = efficientnet_lite(variant, pretrained=pretrained and tuned is None, features_only=True, out_indices=self.stages)
+        tuned_tag = ""
+        if tuned is not None:
+            tuned_tag = "-tuned-" + load_tuned(model, tuned)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.strides = tuple(int(r) for r in model.feature_info.reduction())
         self.lite = lite
@@ -58,7 +66,7 @@ class EffNetEncoder(Encoder):
         self.batch_size = 1
         self.cache_dir = None  # recomputing (~1 s per 1000 x 1000 tile) is cheaper than storing the maps
         stage_tag = "" if self.stages == (0, 1, 2, 3, 4) else "-s" + "".join(map(str, self.stages))
-        self.id = (f"{VERSION}-{variant}{stage_tag}@{self.mpp:g}" + ("" if pretrained else "+random")
+        self.id = (f"{VERSION}-{variant}{stage_tag}{tuned_tag}@{self.mpp:g}" + ("" if pretrained or tuned else "+random")
                    + (f"+{lite.id}" if lite is not None else ""))
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -78,3 +86,24 @@ class EffNetEncoder(Encoder):
         if self.lite is not None:
             cols.append(self.lite.window_features(crop, local_xy))
         return np.concatenate(cols, axis=1)
+
+
+def load_tuned(model, path) -> str:
+    """Load a fine-tuned features-only state dict (safetensors) into ``model``; returns the file's
+    fingerprint (part of the encoder id, so heads know which weights they read). A missing,
+    damaged or foreign file gives one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..detection.checkpoint import file_digest
+
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise DenucError(f"could not read the fine-tuned EfficientNet weights {path} ({type(exc).__name__}); "
+                         "reinstall napari-denuc or choose the effnet-lite0 encoder") from None
+    own = model.state_dict()
+    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
+        raise DenucError(f"{path} does not hold weights of this EfficientNet ({len(state)} tensors for {len(own)})")
+    model.load_state_dict(state, strict=True)
+    return file_digest(path, 10)

