@@ -193,3 +193,69 @@ def test_pretrained_download_failure_is_one_line(monkeypatch):
         PointDetector("timm:resnet18", pretrained=True)
     assert "\n" not in str(err.value) and "resnet18" in str(err.value)
 
+
+
+# ------------------------------------------------------------------ a user's own annotated folder
+USER_NAMES = {1: "Lymphocyte", 2: "Tumor", 3: "Stroma"}  # how another hospital names the bundled head's classes
+USER_MAP = "Lymphocyte=lymphocyte,Tumor=tumor,Stroma=stromal"
+
+
+def _user_folder(root, names, split="val", region=False):
+    """The bundled sample as a user's annotated tile: a non-square crop and its points in a CSV (or a
+    QuPath GeoJSON export with an unclassified region outline, ``region=True``), classes as ``names``."""
+    import numpy as np
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+
+    d = root / split
+    d.mkdir(parents=True)
+    crop = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[40:340, 0:420]  # 420 wide, 300 high
+    Image.fromarray(crop).save(d / "case1.png")
+    yxc = np.loadtxt(SAMPLE_IMAGE.with_name(SAMPLE_IMAGE.stem + "_gt_class_coords.txt"))
+    yxc = yxc[(yxc[:, 0] >= 40) & (yxc[:, 0] < 340) & (yxc[:, 1] < 420)]
+    rows = [(x, y - 40, names[int(c)]) for y, x, c in yxc]
+    if not region:
+        (d / "case1.csv").write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in rows))
+        return root
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [x + 0.5, y + 0.5]},
+              "properties": {"objectType": "annotation", "classification": {"name": c, "color": [200, 0, 0]}}} for x, y, c in rows]
+    outline = [[[0, 0], [400, 0], [400, 290], [0, 290], [0, 0]]]  # the region the user reviewed, left unclassified
+    feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": outline}, "properties": {"objectType": "annotation"}})
+    (d / "case1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return root
+
+
+def test_eval_folder_matches_the_heads_classes_by_name(tmp_path, capsys):
+    """The folder format sorts its classes (lymphocyte, stromal, tumor); the head's order (lymphocyte, tumor,
+    stromal) must not make the same names 'differ'; a user's own names map with --class-map, also from a
+    QuPath export whose unclassified region outline is no nucleus."""
+    from napari_denuc.pipeline import bundled_head_path
+
+    head = str(bundled_head_path("lite"))
+    same = _user_folder(tmp_path / "same", {1: "lymphocyte", 2: "tumor", 3: "stromal"})
+    assert evaluate.main(["--dataset", "folder", "--root", str(same), "--encoder", "lite", "--head", head, "--mpp", "0.5",
+                          "--json", str(tmp_path / "same.json")]) == 0
+    res = json.loads((tmp_path / "same.json").read_text())
+    assert list(res["classes"]) == ["lymphocyte", "tumor", "stromal"] and res["f_avg"] > 0.3
+    capsys.readouterr()
+
+    own = _user_folder(tmp_path / "own", USER_NAMES, region=True)
+    assert evaluate.main(["--dataset", "folder", "--root", str(own), "--encoder", "lite", "--head", head, "--mpp", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'Stroma'" in err[0] and "--class-map" in err[0]
+    assert evaluate.main(["--dataset", "folder", "--root", str(own), "--encoder", "lite", "--head", head, "--mpp", "0.5",
+                          "--class-map", USER_MAP, "--json", str(tmp_path / "own.json")]) == 0
+    assert json.loads((tmp_path / "own.json").read_text())["classes"] == res["classes"]
+
+
+def test_train_head_from_head_on_a_folder_with_class_map(tmp_path, capsys):
+    """--from-head bundled on the user's folder: its names mapped by --class-map keep the head's classes in its order."""
+    from napari_denuc.head import LinearHead
+
+    root = _user_folder(tmp_path / "data", USER_NAMES, split="train")
+    out = tmp_path / "mine.safetensors"
+    assert train.main(["head", "--encoder", "lite", "--data", f"folder={root}", "--mpp", "0.5", "--from-head", "bundled",
+                       "--class-map", USER_MAP, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert LinearHead.load(out).class_names == ("lymphocyte", "tumor", "stromal")
+    assert "Updated the head with" in capsys.readouterr().out

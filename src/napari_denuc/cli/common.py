@@ -45,3 +45,14 @@ def parse_data_args(values: list[str]) -> list[tuple[str, str]]:
             raise DenucError(f"--data expects NAME=PATH (e.g. brca_m2c=/data/brca_m2c), got {v!r}")
         out.append((name, root))
     return out
+
+
+def folder_options(dataset: str, class_map: dict | None, mpp: float | None) -> dict:
+    """``load_dataset`` options from ``--class-map`` and ``--mpp``, which only the generic ``folder`` format takes."""
+    if mpp is not None and not 0.01 <= mpp <= 100:
+        raise DenucError(f"--mpp is micrometres per pixel (0.25 = 40x, 0.5 = 20x), got {mpp:g}")
+    if dataset != "folder":
+        if class_map or mpp is not None:
+            raise DenucError(f"--class-map and --mpp apply to folder data; {dataset} states its own classes and resolution")
+        return {}
+    return {"class_map": class_map, "default_mpp": mpp}
