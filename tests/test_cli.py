@@ -259,3 +259,13 @@ def test_train_head_from_head_on_a_folder_with_class_map(tmp_path, capsys):
                        "--class-map", USER_MAP, "--out", str(out)]) == 0, capsys.readouterr().err
     assert LinearHead.load(out).class_names == ("lymphocyte", "tumor", "stromal")
     assert "Updated the head with" in capsys.readouterr().out
+
+
+def test_warnings_are_one_line_naming_the_tool(tmp_path):
+    """A folder of PNGs states no resolution: the user reads one line saying what to give, not a library source line."""
+    root = _user_folder(tmp_path, {1: "lymphocyte", 2: "tumor", 3: "stromal"})
+    r = run("evaluate", "--dataset", "folder", "--root", root, "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "assumed 0.5 mpp" in line]
+    assert len(warning) == 1 and warning[0].startswith("denuc-eval: warning: ") and "--mpp" in warning[0]
+    assert "UserWarning" not in r.stderr and "importlib" not in r.stderr

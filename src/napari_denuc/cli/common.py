@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from ..errors import DenucError
@@ -18,7 +19,14 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
-    """Call ``main(args)``; print a user error as one line, prefixed by ``prog``, and return a non-zero code."""
+    """Call ``main(args)``; print a user error as one line, prefixed by ``prog``, and return a non-zero code.
+
+    Warnings are printed as one line too: Python's default adds the library's file and source
+    line, which tells a user nothing.
+    """
+    shown = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:
         return main(args) or 0
     except DenucError as exc:
@@ -34,6 +42,8 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace, pro
             raise
         print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = shown
 
 
 def parse_data_args(values: list[str]) -> list[tuple[str, str]]:
