@@ -269,3 +269,19 @@ def test_warnings_are_one_line_naming_the_tool(tmp_path):
     warning = [line for line in r.stderr.splitlines() if "assumed 0.5 mpp" in line]
     assert len(warning) == 1 and warning[0].startswith("denuc-eval: warning: ") and "--mpp" in warning[0]
     assert "UserWarning" not in r.stderr and "importlib" not in r.stderr
+
+
+def test_predict_refuses_a_magnification_typed_as_mpp(tmp_path):
+    """--mpp 40 (the magnification): one line saying what the mpp is, at once, instead of enlarging 80x in memory."""
+    import time
+
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+
+    Image.open(SAMPLE_IMAGE).save(tmp_path / "tile.png")
+    t0 = time.perf_counter()
+    r = run("predict", tmp_path / "tile.png", "--mpp", "40", "--out", tmp_path / "out", "--quiet", "--encoder", "lite")
+    assert r.returncode == 1 and time.perf_counter() - t0 < 60
+    (line,) = [x for x in r.stderr.splitlines() if "FAILED" in x]
+    assert "enlarge the image 80x" in line and "not the magnification" in line
