@@ -285,3 +285,10 @@ def test_predict_refuses_a_magnification_typed_as_mpp(tmp_path):
     assert r.returncode == 1 and time.perf_counter() - t0 < 60
     (line,) = [x for x in r.stderr.splitlines() if "FAILED" in x]
     assert "enlarge the image 80x" in line and "not the magnification" in line
+
+
+def test_predict_bad_tiling_is_a_usage_error(tmp_path):
+    """An overlap larger than the tile: exit 2 and one line naming the options, not 'ValueError: bad tiling' per slide."""
+    r = run("predict", "--sample", "--out", tmp_path, "--tile-size", "128", "--overlap", "160", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--overlap between 0 and the tile size, got 128 and 160" in r.stderr

@@ -30,7 +30,7 @@ from .jobs import BatchResult, Job, RunContext, SlideResult, bar, slide_identity
 from .outputs import FORMATS, output_paths, read_summary, summary_path
 from .slides import expand_inputs
 from .store import config_hash
-from .tiling import MaskParams
+from .tiling import MaskParams, check_tiling
 from .worker import class_info, compute_plan, compute_tile, relax_malloc_trim, set_threads
 
 RUN_VERSION = 1
@@ -127,6 +127,7 @@ def predict_slides(
     for f in formats:
         if f not in FORMATS:
             raise DenucError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
+    check_tiling(tile_size, overlap)  # before any model is loaded, not once per slide
     mask_params = mask_params or MaskParams()
     if geojson_per_class and "geojson" not in formats:
         raise DenucError("--geojson-per-class needs the geojson format; add geojson to --format")
