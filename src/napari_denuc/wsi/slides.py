@@ -237,7 +237,7 @@ def open_slide(path) -> SlideSource:
     """Open ``path`` with the best reader; raises DenucError if it can't be read."""
     path = Path(path)
     if not path.is_file():
-        raise DenucError(f"slide not found: {path}")
+        raise DenucError(f"file not found: {path}")
     suffix = path.suffix.lower()
     errors = []  # (reader, error), in the order tried: the message names each reader
     if suffix in OPENSLIDE_ONLY:
@@ -270,8 +270,10 @@ def open_slide(path) -> SlideSource:
             errors.append(("image reader", str(exc)))
     if not errors:
         raise DenucError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-    tried = ", ".join(r for r, _ in errors)
     first = " ".join(errors[0][1].split())  # one line, whatever the reader's message holds
+    if len(errors) == 1 and errors[0][0] == "image reader":  # a PNG/JPEG: its reader's message says it all
+        raise DenucError(first)
+    tried = ", ".join(r for r, _ in errors)
     raise DenucError(f"cannot read the slide {path} with {tried} ({errors[0][0]}: {first})")
 
 
