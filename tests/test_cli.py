@@ -1,6 +1,7 @@
 """The command-line tools: --help, the denuc-eval JSON, denuc-predict outputs, one-line errors."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -293,3 +294,24 @@ def test_predict_bad_tiling_is_a_usage_error(tmp_path):
     r = run("predict", "--sample", "--out", tmp_path, "--tile-size", "128", "--overlap", "160", "--quiet")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--overlap between 0 and the tile size, got 128 and 160" in r.stderr
+
+
+def test_predict_with_a_head_uses_the_encoder_it_was_trained_with(tmp_path, capsys):
+    """denuc-train head (default encoder lite), then denuc-predict --head without --encoder (default effnet-lite0):
+    the head says which encoder it needs, by its recorded name or, for older heads, a bundled head's encoder id."""
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+    from napari_denuc.pipeline import bundled_head_path
+
+    root = _user_folder(tmp_path / "data", USER_NAMES, split="train")
+    mine = tmp_path / "mine.safetensors"
+    assert train.main(["head", "--data", f"folder={root}", "--mpp", "0.5", "--context-um", "0", "--epochs", "5",
+                       "--out", str(mine)]) == 0
+    Image.open(SAMPLE_IMAGE).crop((0, 0, 200, 160)).save(tmp_path / "tile.png")
+    for head in (mine, bundled_head_path("lite")):  # recorded name; encoder id of the bundled lite head
+        out = tmp_path / head.stem
+        assert predict.main([str(tmp_path / "tile.png"), "--mpp", "0.5", "--head", str(head), "--out", str(out),
+                             "--format", "csv", "--quiet"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "tile.summary.json").read_text())["classes"] == list(
+            json.loads(Path(f"{head}.json").read_text())["class_names"])

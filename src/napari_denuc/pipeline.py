@@ -24,6 +24,31 @@ def bundled_head_path(encoder: str = "effnet-lite0") -> Path | None:
     return Path(str(resources.files("napari_denuc") / "weights" / name)) if name else None
 
 
+def head_encoder_name(head) -> str | None:
+    """The encoder a head file was trained with, by name, or None when it does not say.
+
+    ``denuc-train head`` records the name (``"encoder"`` in the sidecar); a head without it (an
+    older one) is known when its encoder id is that of a bundled head's, e.g. a head trained on ``lite``.
+    """
+    import json
+
+    from .io.naming import sidecar_path
+
+    def meta(path):
+        try:
+            return json.loads(sidecar_path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    own = meta(head)
+    if own.get("encoder"):
+        return str(own["encoder"])
+    for name in BUNDLED_HEADS:
+        if own.get("encoder_id") and meta(bundled_head_path(name)).get("encoder_id") == own["encoder_id"]:
+            return name
+    return None
+
+
 def default_encoder_name() -> str:
     """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline ``lite``."""
     from .encoders import default_encoder_name as cached_or_lite
@@ -59,15 +84,15 @@ class Pipeline:
 
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
-        """Build from paths/names; None means the bundled detector, the default encoder and the
-        encoder's bundled head."""
+        """Build from paths/names; None means the bundled detector, the default encoder (with a
+        ``head``: the encoder it was trained with) and the encoder's bundled head."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .encoders.lite import bundled_neck
         from .head import LinearHead
 
         det = load_detector(detector, device=device)
-        name = encoder or default_encoder_name()
+        name = encoder or (head_encoder_name(head) if head is not None else None) or default_encoder_name()
         enc = get_encoder(name, detector=bundled_neck(device).model, weights=encoder_weights, device=device)
         shipped = bundled_head_path(name) if encoder_weights is None else None
         if head is None and shipped is not None and shipped.is_file():

@@ -19,7 +19,7 @@ def build_parser():
     p.add_argument("--root", required=True, help="data set folder")
     p.add_argument("--split", default="val")
     p.add_argument("--detector", help="detector checkpoint (.safetensors); default: the bundled one")
-    p.add_argument("--encoder", help="encoder name (default: uni2-h when its weights are cached, else lite)")
+    p.add_argument("--encoder", help="encoder name (default: the one --head was trained with)")
     p.add_argument("--encoder-weights", help="local state dict for the encoder (no network)")
     p.add_argument("--head", help="linear head (.safetensors); without it only detection is scored")
     p.add_argument("--class-map", metavar="MAP", help='folder data: your class names -> the head\'s, e.g. "Tumor=tumor,Immune cells=lymphocyte,Necrosis=" '
@@ -45,7 +45,7 @@ def evaluate(args) -> dict:
 
     options = common.folder_options(args.dataset, parse_class_map(args.class_map), args.mpp)
     if args.head:
-        pipe = Pipeline.from_defaults(args.detector, args.encoder or "lite", args.head, args.device, args.encoder_weights)
+        pipe = Pipeline.from_defaults(args.detector, args.encoder, args.head, args.device, args.encoder_weights)
         if args.dataset == "folder":  # the user's names are matched to the head's by name, not by their order
             options["class_names"] = tuple(pipe.class_names)
     else:

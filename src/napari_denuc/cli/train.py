@@ -193,7 +193,8 @@ def _head(args) -> int:
         if Path(args.out).exists():
             raise DenucError(f"{args.out} already exists; retrained heads are written to a new file")
         train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images, extend=True, mpp=args.mpp)
-        res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data]})
+        res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data],
+                                                                            "encoder": args.encoder})
         print(f"{src.name} updated with your corrections (classes: {', '.join(res.head.class_names)}).")
         print(res.summary())
         return 0
@@ -207,7 +208,7 @@ def _head(args) -> int:
     )
     if distributed.setup()[0] > 0:
         return 0  # every rank fitted the same head; rank 0 writes it
-    head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
+    head.save(args.out, metadata={"encoder": args.encoder, "training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
     if "val_end_to_end" in report:
         for name, c in report["val_end_to_end"]["classes"].items():
             print(f"  {name:>12}: F1 {c['f1']:.4f} (P {c['precision']:.3f}, R {c['recall']:.3f}, n={c['support']})")
