@@ -62,6 +62,15 @@ def test_synthetic_slide_reads_with_mpp(slides):
     assert open_slide(d / "nompp.tif").mpp is None
 
 
+def test_folders_and_patterns_leave_out_our_overlays(tmp_path):
+    """--out the input folder, --overlay, run twice: the second run must not detect nuclei in its own overlays."""
+    for name in ("a.png", "a.overlay.png", "b.jpg", "b.overlay.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p, _ in expand_inputs([str(tmp_path)])] == ["a.png", "b.jpg"]
+    assert [p.name for p, _ in expand_inputs([str(tmp_path / "*.png")])] == ["a.png"]
+    assert [p.name for p, _ in expand_inputs([str(tmp_path / "a.overlay.png")])] == ["a.overlay.png"]  # named: taken
+
+
 def test_expand_inputs(slides, tmp_path):
     d, _ = slides
     lst = tmp_path / "list.csv"

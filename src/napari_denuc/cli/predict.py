@@ -62,7 +62,7 @@ def _formats(value: str | None) -> tuple[str, ...]:
 def _write_overlays(result, out: Path, quiet: bool) -> None:
     from ..errors import DenucError
     from ..io.images import read_image
-    from ..io.overlay import write_overlay
+    from ..io.overlay import SUFFIX, write_overlay
     from ..io.points import read_points
 
     for r in result.slides:
@@ -74,7 +74,7 @@ def _write_overlays(result, out: Path, quiet: bool) -> None:
             continue  # a whole-slide image: too large for a single PNG
         if image.shape[0] * image.shape[1] > 64e6:
             continue
-        target = out / f"{r.stem}.overlay.png"
+        target = out / f"{r.stem}{SUFFIX}"
         write_overlay(target, image, read_points(r.outputs["geojson"]))
         if not quiet:
             print(f"overlay: {target}", file=sys.stderr)

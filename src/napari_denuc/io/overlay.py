@@ -25,6 +25,7 @@ def draw_overlay(image: np.ndarray, det: Detections, radius: int = 4) -> np.ndar
     return out
 
 
+SUFFIX = ".overlay.png"  # denuc-predict --overlay writes <stem>.overlay.png
 KEY_LINE = 14  # px per class in the key; the default font is about 11 px high
 
 

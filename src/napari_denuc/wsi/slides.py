@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import DenucError
 from ..io.images import as_rgb_uint8, read_image
+from ..io.overlay import SUFFIX as OVERLAY_SUFFIX
 
 WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".svslide"}
 OPENSLIDE_ONLY = {".ndpi", ".mrxs", ".vms", ".vmu", ".svslide"}
@@ -64,11 +65,17 @@ def _read_csv_list(path: Path) -> list[tuple[Path, float | None]]:
     return out
 
 
+def _is_input_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.lower().endswith(OVERLAY_SUFFIX)
+
+
 def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | None]]:
     """Expand image files, folders, glob patterns and CSV lists into ``[(path, mpp or None), ...]``.
 
     - a folder contributes its image files (not recursive), sorted by name;
     - a pattern with ``*``, ``?`` or ``[`` is globbed (``**`` recurses), sorted;
+    - folders and patterns leave out ``denuc-predict --overlay`` pictures (``*.overlay.png``): with
+      ``--out`` the input folder, a second run would otherwise detect nuclei in its own overlays;
     - a ``.csv`` file is a list of ``path[,mpp]`` rows (header ``path,mpp`` optional; relative
       paths are relative to the CSV's folder);
     - ``mpp`` fills the inputs that have none from a CSV (it then counts as the input's own mpp,
@@ -84,7 +91,7 @@ def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | No
         s = os.path.expanduser(str(a))
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_input_image(q))
             if not found:
                 raise DenucError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {p}")
             out += [(q, None) for q in found]
@@ -94,7 +101,7 @@ def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | No
             out.append((p, None))
         elif any(c in s for c in "*?["):
             found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file())
-            found = [q for q in found if q.suffix.lower() in IMAGE_SUFFIXES]
+            found = [q for q in found if _is_input_image(q)]
             if not found:
                 raise DenucError(f"the pattern {s!r} matches no image files")
             out += [(q, None) for q in found]
