@@ -315,3 +315,15 @@ def test_predict_with_a_head_uses_the_encoder_it_was_trained_with(tmp_path, caps
                              "--format", "csv", "--quiet"]) == 0, capsys.readouterr().err
         assert json.loads((out / "tile.summary.json").read_text())["classes"] == list(
             json.loads(Path(f"{head}.json").read_text())["class_names"])
+
+
+def test_train_head_on_a_plain_folder_of_annotated_tiles(tmp_path, capsys):
+    """No train/ and val/ subfolders: all the tiles train (the user cannot pass a split), and the user is told."""
+    from napari_denuc.head import LinearHead
+
+    root = _user_folder(tmp_path / "data", {1: "lymphocyte", 2: "tumor", 3: "stromal"}, split="train") / "train"
+    out = tmp_path / "flat.safetensors"
+    assert train.main(["head", "--data", f"folder={root}", "--mpp", "0.5", "--context-um", "0", "--epochs", "5",
+                       "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "training on all its annotated images, without validation" in capsys.readouterr().err
+    assert LinearHead.load(out).class_names == ("lymphocyte", "stromal", "tumor")

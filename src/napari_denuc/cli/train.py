@@ -110,6 +110,8 @@ def _load_data(data, class_map, class_names, max_images: int, extend: bool = Fal
     ``class_map``, ``class_names`` and ``extend`` apply to ``slides=`` and ``folder=`` data (the
     user's own class names), ``mpp`` to ``folder=`` data; the named data sets state their own.
     """
+    from pathlib import Path
+
     from ..data import load_dataset
     from ..data.slides import load_slides
     from ..errors import DenucError
@@ -128,8 +130,15 @@ def _load_data(data, class_map, class_names, max_images: int, extend: bool = Fal
         options = {}
         if name == "folder":
             options = {**common.folder_options(name, class_map, mpp), "class_names": class_names, "extend": extend}
-        part = load_dataset(name, root, "train", **options)
+        split = "train"
+        if name == "folder" and not (Path(root) / "train").is_dir():
+            split = "all"  # a plain folder of annotated images: all of it trains, nothing is held out
+            print(f"{root} has no train/ and val/ subfolders: training on all its annotated images, without validation",
+                  file=sys.stderr)
+        part = load_dataset(name, root, split, **options)
         train += part
+        if split == "all":
+            continue
         if name == "folder" and part:  # val is read with train's classes: a class missing from val keeps its place
             options.update(class_names=part[0].class_names, extend=False)
         try:
