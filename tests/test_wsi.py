@@ -71,6 +71,23 @@ def test_folders_and_patterns_leave_out_our_overlays(tmp_path):
     assert [p.name for p, _ in expand_inputs([str(tmp_path / "a.overlay.png")])] == ["a.overlay.png"]  # named: taken
 
 
+def test_a_file_of_the_same_name_does_not_replace_anothers_results(tmp_path):
+    """hospA/1.tif, then in a later run into the same folder hospB/1.tif: both write 1.*; the second is refused
+    with one line (the first's results stay) unless --overwrite."""
+    for hosp, seed in (("hospA", 1), ("hospB", 2)):
+        make_test_slide(tmp_path / hosp / "1.tif", size=384, seed=seed, min_level_size=384)
+    out = tmp_path / "out"
+    first = predict_slides([str(tmp_path / "hospA" / "1.tif")], out, BlobFactory(), progress=False)
+    kept = (out / "1.csv").read_bytes()
+    (res,) = predict_slides([str(tmp_path / "hospB" / "1.tif")], out, BlobFactory(), progress=False).slides
+    assert first.ok and res.status == "failed" and "hospA" in res.error and "--overwrite" in res.error
+    assert (out / "1.csv").read_bytes() == kept
+    again = predict_slides([str(tmp_path / "hospA" / "1.tif")], out, BlobFactory(), progress=False)
+    assert again.slides[0].status == "up-to-date"  # the same file: its own results, as before
+    assert predict_slides([str(tmp_path / "hospB" / "1.tif")], out, BlobFactory(), progress=False, overwrite=True).ok
+    assert (out / "1.csv").read_bytes() != kept
+
+
 def test_expand_inputs(slides, tmp_path):
     d, _ = slides
     lst = tmp_path / "list.csv"
