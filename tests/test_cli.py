@@ -327,3 +327,9 @@ def test_train_head_on_a_plain_folder_of_annotated_tiles(tmp_path, capsys):
                        "--out", str(out)]) == 0, capsys.readouterr().err
     assert "training on all its annotated images, without validation" in capsys.readouterr().err
     assert LinearHead.load(out).class_names == ("lymphocyte", "stromal", "tumor")
+
+
+def test_predict_overlay_without_geojson_is_a_usage_error(tmp_path):
+    """--overlay --format csv wrote no overlay and said nothing."""
+    r = run("predict", "--sample", "--out", tmp_path, "--format", "csv", "--overlay", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "add geojson to --format" in r.stderr

@@ -66,13 +66,16 @@ def _write_overlays(result, out: Path, quiet: bool) -> None:
     from ..io.points import read_points
 
     for r in result.slides:
-        if not r.ok or "geojson" not in r.outputs:
+        if not r.ok:
             continue
         try:
             image, _ = read_image(r.path)
         except DenucError:
-            continue  # a whole-slide image: too large for a single PNG
-        if image.shape[0] * image.shape[1] > 64e6:
+            image = None  # a whole-slide image (SVS, NDPI...) that tifffile/PIL cannot read whole
+        if image is None or image.shape[0] * image.shape[1] > 64e6:
+            if not quiet:
+                print(f"no overlay for {r.path}: larger than 64 megapixels (open it with its GeoJSON in QuPath or napari)",
+                      file=sys.stderr)
             continue
         target = out / f"{r.stem}{SUFFIX}"
         write_overlay(target, image, read_points(r.outputs["geojson"]))
@@ -92,6 +95,8 @@ def _main(args) -> int:
     if not inputs:
         raise DenucError("no inputs: give image/slide paths, a folder, a glob, a .csv list, or --sample")
     inputs = [(Path(i[0]), i[1]) if isinstance(i, tuple) else i for i in inputs]
+    if args.overlay and "geojson" not in _formats(args.format):
+        raise DenucError("--overlay draws the nuclei from the GeoJSON output; add geojson to --format")
     if args.tau is not None and not 0 < args.tau < 1:
         raise DenucError(f"--tau must be between 0 and 1 (a detection score), got {args.tau}")
     factory = PipelineFactory(
