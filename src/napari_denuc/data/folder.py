@@ -48,9 +48,11 @@ def _used_names(det) -> list[str]:
 
 def _read(path: Path, class_names):
     det = read_points(path)
-    if class_names is not None and det.class_names and all(n.isdigit() for n in det.class_names):
-        det = read_points(path, class_names)  # 1-based class ids name the given classes (io/csv.py)
-    return det
+    if class_names is None or not det.class_names:
+        return det
+    ids = all(n.isdigit() for n in det.class_names)  # 1-based class ids name the given classes (io/csv.py)
+    one = det.class_names == ("nucleus",) and len(class_names) == 1  # no class column: the only class
+    return read_points(path, class_names) if ids or one else det
 
 
 def load(root, split: str | None = "all", class_names=None, mpp: float | None = None, class_map=None,
