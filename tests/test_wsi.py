@@ -88,6 +88,22 @@ def test_a_file_of_the_same_name_does_not_replace_anothers_results(tmp_path):
     assert (out / "1.csv").read_bytes() != kept
 
 
+def test_factory_config_names_the_models_the_defaults_resolve_to(monkeypatch):
+    """The default encoder turns into UNI2-h once its weights are cached, and an update replaces the bundled
+    detector: the resume config must change with them, or old tiles and outputs pass for up to date."""
+    import napari_denuc.pipeline as pipeline
+    from napari_denuc.wsi.factory import PipelineFactory
+
+    configs = {}
+    for name in ("effnet-lite0", "lite"):
+        monkeypatch.setattr(pipeline, "default_encoder_name", lambda name=name: name)
+        configs[name] = PipelineFactory().config()
+    a, b = configs["effnet-lite0"], configs["lite"]
+    assert a["encoder"] == "effnet-lite0" and b["encoder"] == "lite"
+    assert a["head"]["path"].endswith("effnet_lite0_head.safetensors") and b["head"]["path"].endswith("lite_head.safetensors")
+    assert a["detector"]["path"].endswith("detector.safetensors") and a["detector"]["size"] > 0
+
+
 def test_expand_inputs(slides, tmp_path):
     d, _ = slides
     lst = tmp_path / "list.csv"

@@ -56,6 +56,17 @@ def default_encoder_name() -> str:
     return os.environ.get("DENUC_ENCODER") or cached_or_lite()
 
 
+def resolve_models(encoder=None, head=None, encoder_weights=None) -> tuple[str, object]:
+    """``(encoder name, head path or None)`` that ``Pipeline.from_defaults`` builds for these
+    arguments: the encoder given, else the head's, else the default; the head given, else the
+    encoder's bundled head (none for own encoder weights). Cheap: no model is loaded."""
+    name = encoder or (head_encoder_name(head) if head is not None else None) or default_encoder_name()
+    shipped = bundled_head_path(name) if encoder_weights is None else None
+    if head is None and shipped is not None and shipped.is_file():
+        head = shipped
+    return name, head
+
+
 def _phase(progress, start: float, span: float):
     """Map a (done, total) callback of one phase onto a 0-100 overall scale."""
     if progress is None:
@@ -92,11 +103,8 @@ class Pipeline:
         from .head import LinearHead
 
         det = load_detector(detector, device=device)
-        name = encoder or (head_encoder_name(head) if head is not None else None) or default_encoder_name()
+        name, head = resolve_models(encoder, head, encoder_weights)
         enc = get_encoder(name, detector=bundled_neck(device).model, weights=encoder_weights, device=device)
-        shipped = bundled_head_path(name) if encoder_weights is None else None
-        if head is None and shipped is not None and shipped.is_file():
-            head = shipped
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)
 
