@@ -225,3 +225,11 @@ def test_folder_matches_a_heads_classes(tmp_path):
     assert a.labels.tolist() == [0]
     with pytest.raises(DenucError, match="'Tumor'.*--class-map"):
         folder.load(tmp_path, "all", class_names=("tumor", "stromal"), mpp=0.5)
+
+
+def test_points_mostly_outside_the_image_hint_at_slide_coordinates(tmp_path):
+    """A tile exported from QuPath with its objects' GeoJSON: the points are in whole-slide pixels."""
+    save_png(tmp_path / "tile.png", (32, 24))
+    (tmp_path / "tile.csv").write_text("x,y,class\n5,5,tumor\n20500,13002,tumor\n20510,13020,tumor\n")
+    with pytest.warns(UserWarning, match="dropped 2 point.*whole-slide coordinates"):
+        folder.load(tmp_path, "all", mpp=0.5)

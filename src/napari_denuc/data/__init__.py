@@ -50,5 +50,7 @@ def clean_points(points, labels, shape, source: str):
     h, w = shape[:2]
     inside = (points[:, 0] >= -0.5) & (points[:, 0] <= w - 0.5) & (points[:, 1] >= -0.5) & (points[:, 1] <= h - 0.5)
     if not inside.all():
-        warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image", stacklevel=3)
+        # most points outside: typically a QuPath export of a region's objects, in whole-slide pixels
+        hint = "; are they in whole-slide coordinates? They must be in this image's own pixels" if inside.sum() < (~inside).sum() else ""
+        warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image{hint}", stacklevel=3)
     return points[inside], labels[inside]
