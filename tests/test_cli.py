@@ -236,8 +236,8 @@ def test_eval_folder_matches_the_heads_classes_by_name(tmp_path, capsys):
 
     head = str(bundled_head_path("lite"))
     same = _user_folder(tmp_path / "same", {1: "lymphocyte", 2: "tumor", 3: "stromal"})
-    assert evaluate.main(["--dataset", "folder", "--root", str(same), "--encoder", "lite", "--head", head, "--mpp", "0.5",
-                          "--json", str(tmp_path / "same.json")]) == 0
+    assert evaluate.main(["--dataset", "folder", "--root", str(same), "--encoder", "lite", "--head", "bundled", "--mpp", "0.5",
+                          "--json", str(tmp_path / "same.json")]) == 0  # bundled: as --from-head takes it
     res = json.loads((tmp_path / "same.json").read_text())
     assert list(res["classes"]) == ["lymphocyte", "tumor", "stromal"] and res["f_avg"] > 0.3
     capsys.readouterr()

@@ -21,7 +21,8 @@ def build_parser():
     p.add_argument("--detector", help="detector checkpoint (.safetensors); default: the bundled one")
     p.add_argument("--encoder", help="encoder name (default: the one --head was trained with)")
     p.add_argument("--encoder-weights", help="local state dict for the encoder (no network)")
-    p.add_argument("--head", help="linear head (.safetensors); without it only detection is scored")
+    p.add_argument("--head", help="linear head (.safetensors), or bundled (the head shipped for --encoder); without it only "
+                   "detection is scored")
     p.add_argument("--class-map", metavar="MAP", help='folder data: your class names -> the head\'s, e.g. "Tumor=tumor,Immune cells=lymphocyte,Necrosis=" '
                    "(empty: ignore); derived classes (Tumor: Positive) follow their base name")
     p.add_argument("--mpp", type=float, help="folder data: micrometres per pixel of images whose files state none (default 0.5, with a warning)")

@@ -24,7 +24,7 @@ def build_parser():
     p.add_argument("--encoder", help="encoder name (default: the one --head was trained with; without --head uni2-h when "
                    "its weights are cached, else effnet-lite0)")
     p.add_argument("--encoder-weights", help="local encoder state dict (no network)")
-    p.add_argument("--head", help="linear head (default: the bundled lite head when the encoder is lite)")
+    p.add_argument("--head", help="linear head (default, or bundled: the head shipped for the encoder)")
     p.add_argument("--tau", type=float,
                    help="detection score threshold, 0-1 (default: the detector's own; the widget's 'Fit to view' finds one from corrected nuclei)")
     p.add_argument("--format", default=None, help="comma-separated outputs among geojson,csv,parquet (default: all available)")
