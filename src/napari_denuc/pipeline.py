@@ -58,12 +58,12 @@ def default_encoder_name() -> str:
 
 def resolve_models(encoder=None, head=None, encoder_weights=None) -> tuple[str, object]:
     """``(encoder name, head path or None)`` that ``Pipeline.from_defaults`` builds for these
-    arguments: the encoder given, else the head's, else the default; the head given, else (or for
-    ``"bundled"``) the encoder's bundled head (none for own encoder weights). Cheap: no model is loaded."""
+    arguments: the encoder given, else the default; the head given, else (or for ``"bundled"``) the
+    encoder's bundled head (none for own encoder weights). Cheap: no model is loaded."""
     bundled = str(head) == "bundled"  # as in denuc-train head --from-head bundled
     if bundled:
         head = None
-    name = encoder or (head_encoder_name(head) if head is not None else None) or default_encoder_name()
+    name = encoder or default_encoder_name()
     shipped = bundled_head_path(name) if encoder_weights is None else None
     if head is None and shipped is not None and shipped.is_file():
         head = shipped
@@ -100,8 +100,8 @@ class Pipeline:
 
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
-        """Build from paths/names; None means the bundled detector, the default encoder (with a
-        ``head``: the encoder it was trained with) and the encoder's bundled head."""
+        """Build from paths/names; None means the bundled detector, the default encoder and the
+        encoder's bundled head (also for ``head="bundled"``)."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .encoders.lite import bundled_neck

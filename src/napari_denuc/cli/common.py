@@ -66,3 +66,12 @@ def folder_options(dataset: str, class_map: dict | None, mpp: float | None) -> d
             raise DenucError(f"--class-map and --mpp apply to folder data; {dataset} states its own classes and resolution")
         return {}
     return {"class_map": class_map, "default_mpp": mpp}
+
+
+def encoder_for(encoder: str | None, head: str | None) -> str | None:
+    """``--encoder``, else the encoder ``--head`` was trained with (so a user's head works as it is), else None (the default)."""
+    if encoder or not head or head == "bundled":
+        return encoder
+    from ..pipeline import head_encoder_name
+
+    return head_encoder_name(head)

@@ -46,7 +46,7 @@ def evaluate(args) -> dict:
 
     options = common.folder_options(args.dataset, parse_class_map(args.class_map), args.mpp)
     if args.head:
-        pipe = Pipeline.from_defaults(args.detector, args.encoder, args.head, args.device, args.encoder_weights)
+        pipe = Pipeline.from_defaults(args.detector, common.encoder_for(args.encoder, args.head), args.head, args.device, args.encoder_weights)
         if args.dataset == "folder":  # the user's names are matched to the head's by name, not by their order
             options["class_names"] = tuple(pipe.class_names)
     else:

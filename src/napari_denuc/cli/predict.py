@@ -100,7 +100,7 @@ def _main(args) -> int:
     if args.tau is not None and not 0 < args.tau < 1:
         raise DenucError(f"--tau must be between 0 and 1 (a detection score), got {args.tau}")
     factory = PipelineFactory(
-        detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
+        detector=args.detector, encoder=common.encoder_for(args.encoder, args.head), head=args.head, device=args.device,
         batch_size=args.batch_size, threads=args.threads if args.threads else (1 if args.dask or args.scheduler else None),
         encoder_weights=args.encoder_weights, tau=args.tau,
     )
