@@ -3,9 +3,10 @@
 #   bash scripts/quickstart.sh [OUTPUT_DIR]
 # Creates the project's virtual environment .venv (see scripts/_venv.sh; works with Debian's
 # and Ubuntu's own python3), installs the package into it, detects and classifies nuclei in the
-# bundled BRCA-M2C sample tile with the bundled detector, the offline `lite` encoder and the
-# bundled head, writes QuPath GeoJSON, CSV, Parquet and a PNG overlay, and opens napari with
-# the result and the DeNuC widget when a display is available.
+# bundled BRCA-M2C sample tile with the bundled detector, the default encoder (the offline
+# ImageNet effnet-lite0, or UNI2-h when its weights are cached) and its bundled head, writes
+# QuPath GeoJSON, CSV, Parquet and a PNG overlay, and opens napari with the result and the
+# DeNuC widget when a display is available.
 # Afterwards:  . .venv/bin/activate   then   napari, denuc-predict, denuc-train, denuc-eval
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
 """The command-line tools: --help, the denuc-eval JSON, denuc-predict outputs, one-line errors."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -46,7 +47,8 @@ def test_predict_sample_and_bad_input(tmp_path):
     out = tmp_path / "out"
     r = run("predict", "--sample", bad, "--out", out, "--quiet", "--overlay", "--encoder", "lite", "--geojson-per-class")
     assert r.returncode == 1, r.stderr  # one input failed, the other finished
-    assert "broken.png: FAILED" in r.stderr
+    (failed,) = [line for line in r.stderr.splitlines() if "broken.png: FAILED" in line]
+    assert "as an image (UnidentifiedImageError" in failed and "slide" not in failed  # a PNG is no slide
     stem = "TCGA-A8-A07P-01Z-00-DX1_13001_35001_1000_1000_0.93"
     gj = json.loads((out / f"{stem}.geojson").read_text())
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) > 100
@@ -193,3 +195,141 @@ def test_pretrained_download_failure_is_one_line(monkeypatch):
         PointDetector("timm:resnet18", pretrained=True)
     assert "\n" not in str(err.value) and "resnet18" in str(err.value)
 
+
+
+# ------------------------------------------------------------------ a user's own annotated folder
+USER_NAMES = {1: "Lymphocyte", 2: "Tumor", 3: "Stroma"}  # how another hospital names the bundled head's classes
+USER_MAP = "Lymphocyte=lymphocyte,Tumor=tumor,Stroma=stromal"
+
+
+def _user_folder(root, names, split="val", region=False):
+    """The bundled sample as a user's annotated tile: a non-square crop and its points in a CSV (or a
+    QuPath GeoJSON export with an unclassified region outline, ``region=True``), classes as ``names``."""
+    import numpy as np
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+
+    d = root / split
+    d.mkdir(parents=True)
+    crop = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[40:340, 0:420]  # 420 wide, 300 high
+    Image.fromarray(crop).save(d / "case1.png")
+    yxc = np.loadtxt(SAMPLE_IMAGE.with_name(SAMPLE_IMAGE.stem + "_gt_class_coords.txt"))
+    yxc = yxc[(yxc[:, 0] >= 40) & (yxc[:, 0] < 340) & (yxc[:, 1] < 420)]
+    rows = [(x, y - 40, names[int(c)]) for y, x, c in yxc]
+    if not region:
+        (d / "case1.csv").write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in rows))
+        return root
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [x + 0.5, y + 0.5]},
+              "properties": {"objectType": "annotation", "classification": {"name": c, "color": [200, 0, 0]}}} for x, y, c in rows]
+    outline = [[[0, 0], [400, 0], [400, 290], [0, 290], [0, 0]]]  # the region the user reviewed, left unclassified
+    feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": outline}, "properties": {"objectType": "annotation"}})
+    (d / "case1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return root
+
+
+def test_eval_folder_matches_the_heads_classes_by_name(tmp_path, capsys):
+    """The folder format sorts its classes (lymphocyte, stromal, tumor); the head's order (lymphocyte, tumor,
+    stromal) must not make the same names 'differ'; a user's own names map with --class-map, also from a
+    QuPath export whose unclassified region outline is no nucleus."""
+    from napari_denuc.pipeline import bundled_head_path
+
+    head = str(bundled_head_path("lite"))
+    same = _user_folder(tmp_path / "same", {1: "lymphocyte", 2: "tumor", 3: "stromal"})
+    assert evaluate.main(["--dataset", "folder", "--root", str(same), "--encoder", "lite", "--head", "bundled", "--mpp", "0.5",
+                          "--json", str(tmp_path / "same.json")]) == 0  # bundled: as --from-head takes it
+    res = json.loads((tmp_path / "same.json").read_text())
+    assert list(res["classes"]) == ["lymphocyte", "tumor", "stromal"] and res["f_avg"] > 0.3
+    capsys.readouterr()
+
+    own = _user_folder(tmp_path / "own", USER_NAMES, region=True)
+    assert evaluate.main(["--dataset", "folder", "--root", str(own), "--encoder", "lite", "--head", head, "--mpp", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'Stroma'" in err[0] and "--class-map" in err[0]
+    assert evaluate.main(["--dataset", "folder", "--root", str(own), "--encoder", "lite", "--head", head, "--mpp", "0.5",
+                          "--class-map", USER_MAP, "--json", str(tmp_path / "own.json")]) == 0
+    assert json.loads((tmp_path / "own.json").read_text())["classes"] == res["classes"]
+
+
+def test_train_head_from_head_on_a_folder_with_class_map(tmp_path, capsys):
+    """--from-head bundled on the user's folder: its names mapped by --class-map keep the head's classes in its order."""
+    from napari_denuc.head import LinearHead
+
+    root = _user_folder(tmp_path / "data", USER_NAMES, split="train")
+    out = tmp_path / "mine.safetensors"
+    assert train.main(["head", "--encoder", "lite", "--data", f"folder={root}", "--mpp", "0.5", "--from-head", "bundled",
+                       "--class-map", USER_MAP, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert LinearHead.load(out).class_names == ("lymphocyte", "tumor", "stromal")
+    assert "Updated the head with" in capsys.readouterr().out
+
+
+def test_warnings_are_one_line_naming_the_tool(tmp_path):
+    """A folder of PNGs states no resolution: the user reads one line saying what to give, not a library source line."""
+    root = _user_folder(tmp_path, {1: "lymphocyte", 2: "tumor", 3: "stromal"})
+    r = run("evaluate", "--dataset", "folder", "--root", root, "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "assumed 0.5 mpp" in line]
+    assert len(warning) == 1 and warning[0].startswith("denuc-eval: warning: ") and "--mpp" in warning[0]
+    assert "UserWarning" not in r.stderr and "importlib" not in r.stderr
+
+
+def test_predict_refuses_a_magnification_typed_as_mpp(tmp_path):
+    """--mpp 40 (the magnification): one line saying what the mpp is, at once, instead of enlarging 80x in memory."""
+    import time
+
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+
+    Image.open(SAMPLE_IMAGE).save(tmp_path / "tile.png")
+    t0 = time.perf_counter()
+    r = run("predict", tmp_path / "tile.png", "--mpp", "40", "--out", tmp_path / "out", "--quiet", "--encoder", "lite")
+    assert r.returncode == 1 and time.perf_counter() - t0 < 60
+    (line,) = [x for x in r.stderr.splitlines() if "FAILED" in x]
+    assert "enlarge the image 80x" in line and "not the magnification" in line
+
+
+def test_predict_bad_tiling_is_a_usage_error(tmp_path):
+    """An overlap larger than the tile: exit 2 and one line naming the options, not 'ValueError: bad tiling' per slide."""
+    r = run("predict", "--sample", "--out", tmp_path, "--tile-size", "128", "--overlap", "160", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--overlap between 0 and the tile size, got 128 and 160" in r.stderr
+
+
+def test_predict_with_a_head_uses_the_encoder_it_was_trained_with(tmp_path, capsys):
+    """denuc-train head (default encoder lite), then denuc-predict --head without --encoder (default effnet-lite0):
+    the head says which encoder it needs, by its recorded name or, for older heads, a bundled head's encoder id."""
+    from PIL import Image
+
+    from napari_denuc._sample_data import SAMPLE_IMAGE
+    from napari_denuc.pipeline import bundled_head_path
+
+    root = _user_folder(tmp_path / "data", USER_NAMES, split="train")
+    mine = tmp_path / "mine.safetensors"
+    assert train.main(["head", "--data", f"folder={root}", "--mpp", "0.5", "--context-um", "0", "--epochs", "5",
+                       "--out", str(mine)]) == 0
+    Image.open(SAMPLE_IMAGE).crop((0, 0, 200, 160)).save(tmp_path / "tile.png")
+    for head in (mine, bundled_head_path("lite")):  # recorded name; encoder id of the bundled lite head
+        out = tmp_path / head.stem
+        assert predict.main([str(tmp_path / "tile.png"), "--mpp", "0.5", "--head", str(head), "--out", str(out),
+                             "--format", "csv", "--quiet"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "tile.summary.json").read_text())["classes"] == list(
+            json.loads(Path(f"{head}.json").read_text())["class_names"])
+
+
+def test_train_head_on_a_plain_folder_of_annotated_tiles(tmp_path, capsys):
+    """No train/ and val/ subfolders: all the tiles train (the user cannot pass a split), and the user is told."""
+    from napari_denuc.head import LinearHead
+
+    root = _user_folder(tmp_path / "data", {1: "lymphocyte", 2: "tumor", 3: "stromal"}, split="train") / "train"
+    out = tmp_path / "flat.safetensors"
+    assert train.main(["head", "--data", f"folder={root}", "--mpp", "0.5", "--context-um", "0", "--epochs", "5",
+                       "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "training on all its annotated images, without validation" in capsys.readouterr().err
+    assert LinearHead.load(out).class_names == ("lymphocyte", "stromal", "tumor")
+
+
+def test_predict_overlay_without_geojson_is_a_usage_error(tmp_path):
+    """--overlay --format csv wrote no overlay and said nothing."""
+    r = run("predict", "--sample", "--out", tmp_path, "--format", "csv", "--overlay", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "add geojson to --format" in r.stderr

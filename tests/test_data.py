@@ -200,3 +200,36 @@ def test_folder_root_and_missing(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DenucError, match="unknown data set"):
         load_dataset("kaggle", ".", "train")
+
+
+def test_folder_matches_a_heads_classes(tmp_path):
+    """Given a head's classes: names by name whatever their order, 1-based ids by position, a file without a
+    class column as a one-class head's class; an unclassified region outline among classified points is left out."""
+    save_png(tmp_path / "a.png", (32, 24))
+    (tmp_path / "a.csv").write_text("x,y,class\n1,2,stromal\n5,6,tumor\n")
+    with pytest.warns(UserWarning, match="assumed 0.5 mpp"):
+        (a,) = folder.load(tmp_path, "all", class_names=("tumor", "stromal"))
+    assert a.labels.tolist() == [1, 0]
+    (tmp_path / "a.csv").write_text("x,y,class\n1,2,2\n5,6,1\n")
+    assert folder.load(tmp_path, "all", class_names=("tumor", "stromal"), mpp=0.5)[0].labels.tolist() == [1, 0]
+    (tmp_path / "a.csv").write_text("x,y\n1,2\n")
+    assert folder.load(tmp_path, "all", class_names=("tumor",), mpp=0.5)[0].labels.tolist() == [0]
+    (tmp_path / "a.csv").unlink()
+    region = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [20, 0], [20, 20], [0, 0]]]},
+              "properties": {"objectType": "annotation"}}
+    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [puma_feature(4.5, 4.5, "Tumor"), region]}))
+    with pytest.warns(UserWarning, match="left out 1 unclassified"):
+        (a,) = folder.load(tmp_path, "all", mpp=0.5)
+    assert a.class_names == ("Tumor",) and len(a.points) == 1
+    (a,) = folder.load(tmp_path, "all", class_names=("tumor", "stromal"), class_map={"Tumor": "tumor"}, mpp=0.5)
+    assert a.labels.tolist() == [0]
+    with pytest.raises(DenucError, match="'Tumor'.*--class-map"):
+        folder.load(tmp_path, "all", class_names=("tumor", "stromal"), mpp=0.5)
+
+
+def test_points_mostly_outside_the_image_hint_at_slide_coordinates(tmp_path):
+    """A tile exported from QuPath with its objects' GeoJSON: the points are in whole-slide pixels."""
+    save_png(tmp_path / "tile.png", (32, 24))
+    (tmp_path / "tile.csv").write_text("x,y,class\n5,5,tumor\n20500,13002,tumor\n20510,13020,tumor\n")
+    with pytest.warns(UserWarning, match="dropped 2 point.*whole-slide coordinates"):
+        folder.load(tmp_path, "all", mpp=0.5)

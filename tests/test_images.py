@@ -104,3 +104,21 @@ def test_tiff_resolution(tmp_path):
     assert mpp == pytest.approx(0.25) and img.shape == (8, 8, 3)
     tifffile.imwrite(tmp_path / "u16.tif", np.full((4, 4, 3), 65535, np.uint16))
     assert (read_image(tmp_path / "u16.tif")[0] == 255).all()
+
+
+def test_ome_tiff_resolution(tmp_path):
+    """QuPath's and bfconvert's OME-TIFF state the pixel size in the OME-XML (PhysicalSizeX), not in resolution tags."""
+    from napari_denuc.wsi.slides import open_slide
+
+    a = np.zeros((512, 768, 3), np.uint8)
+    for name, size, unit, expected in (("um", 0.2527, "µm", 0.2527), ("nm", 505.4, "nm", 0.5054), ("default", 0.5, None, 0.5)):
+        meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size}
+        if unit:
+            meta.update(PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
+        path = tmp_path / f"{name}.ome.tif"
+        with tifffile.TiffWriter(path) as tif:  # pyramidal, as QuPath exports it
+            tif.write(a, subifds=1, tile=(256, 256), photometric="rgb", metadata=meta)
+            tif.write(a[::2, ::2], subfiletype=1, tile=(256, 256), photometric="rgb")
+        assert read_image(path)[1] == pytest.approx(expected)
+        with open_slide(path) as slide:
+            assert slide.level_count == 2 and slide.mpp == pytest.approx(expected)

@@ -424,3 +424,20 @@ def test_streamed_geojson_failure_leaves_old_file(tmp_path, det):
     with pytest.raises(RuntimeError):
         write_geojson_chunks(path, broken())
     assert path.read_bytes() == before and not list(tmp_path.glob(".a.geojson.*"))
+
+
+def test_overlay_has_a_key_of_the_class_colours(tmp_path, det):
+    """The PNG a new user opens first says which colour is which class, and how many; the key is
+    below the image, so the image keeps its pixels."""
+    from PIL import Image
+
+    from napari_denuc.io.overlay import draw_overlay, write_overlay
+
+    image = np.full((120, 160, 3), 128, np.uint8)
+    write_overlay(tmp_path / "o.png", image, det)
+    png = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    np.testing.assert_array_equal(png[:120], draw_overlay(image, det))
+    key = png[120:]
+    for color in det.class_colors:
+        assert (key == color).all(axis=-1).sum() >= 100  # a swatch of at least 10 x 10 px
+    assert (key.max(axis=-1) < 100).sum() > 20  # dark text beside the swatches

@@ -62,6 +62,48 @@ def test_synthetic_slide_reads_with_mpp(slides):
     assert open_slide(d / "nompp.tif").mpp is None
 
 
+def test_folders_and_patterns_leave_out_our_overlays(tmp_path):
+    """--out the input folder, --overlay, run twice: the second run must not detect nuclei in its own overlays."""
+    for name in ("a.png", "a.overlay.png", "b.jpg", "b.overlay.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p, _ in expand_inputs([str(tmp_path)])] == ["a.png", "b.jpg"]
+    assert [p.name for p, _ in expand_inputs([str(tmp_path / "*.png")])] == ["a.png"]
+    assert [p.name for p, _ in expand_inputs([str(tmp_path / "a.overlay.png")])] == ["a.overlay.png"]  # named: taken
+
+
+def test_a_file_of_the_same_name_does_not_replace_anothers_results(tmp_path):
+    """hospA/1.tif, then in a later run into the same folder hospB/1.tif: both write 1.*; the second is refused
+    with one line (the first's results stay) unless --overwrite."""
+    for hosp, seed in (("hospA", 1), ("hospB", 2)):
+        make_test_slide(tmp_path / hosp / "1.tif", size=384, seed=seed, min_level_size=384)
+    out = tmp_path / "out"
+    first = predict_slides([str(tmp_path / "hospA" / "1.tif")], out, BlobFactory(), progress=False)
+    kept = (out / "1.csv").read_bytes()
+    (res,) = predict_slides([str(tmp_path / "hospB" / "1.tif")], out, BlobFactory(), progress=False).slides
+    assert first.ok and res.status == "failed" and "hospA" in res.error and "--overwrite" in res.error
+    assert (out / "1.csv").read_bytes() == kept
+    again = predict_slides([str(tmp_path / "hospA" / "1.tif")], out, BlobFactory(), progress=False)
+    assert again.slides[0].status == "up-to-date"  # the same file: its own results, as before
+    assert predict_slides([str(tmp_path / "hospB" / "1.tif")], out, BlobFactory(), progress=False, overwrite=True).ok
+    assert (out / "1.csv").read_bytes() != kept
+
+
+def test_factory_config_names_the_models_the_defaults_resolve_to(monkeypatch):
+    """The default encoder turns into UNI2-h once its weights are cached, and an update replaces the bundled
+    detector: the resume config must change with them, or old tiles and outputs pass for up to date."""
+    import napari_denuc.pipeline as pipeline
+    from napari_denuc.wsi.factory import PipelineFactory
+
+    configs = {}
+    for name in ("effnet-lite0", "lite"):
+        monkeypatch.setattr(pipeline, "default_encoder_name", lambda name=name: name)
+        configs[name] = PipelineFactory().config()
+    a, b = configs["effnet-lite0"], configs["lite"]
+    assert a["encoder"] == "effnet-lite0" and b["encoder"] == "lite"
+    assert a["head"]["path"].endswith("effnet_lite0_head.safetensors") and b["head"]["path"].endswith("lite_head.safetensors")
+    assert a["detector"]["path"].endswith("detector.safetensors") and a["detector"]["size"] > 0
+
+
 def test_expand_inputs(slides, tmp_path):
     d, _ = slides
     lst = tmp_path / "list.csv"

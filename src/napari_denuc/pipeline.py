@@ -25,11 +25,52 @@ def bundled_head_path(encoder: str = "effnet-lite0-nuclei") -> Path | None:
     return Path(str(resources.files("napari_denuc") / "weights" / name)) if name else None
 
 
+def head_encoder_name(head) -> str | None:
+    """The encoder a head file was trained with, by name, or None when it does not say.
+
+    ``denuc-train head`` records the name (``"encoder"`` in the sidecar); a head without it (an
+    older one) is known when its encoder id is that of a bundled head's, e.g. a head trained on ``lite``.
+    """
+    import json
+
+    from .io.naming import sidecar_path
+
+    def meta(path):
+        try:
+            return json.loads(sidecar_path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    own = meta(head)
+    if own.get("encoder"):
+        return str(own["encoder"])
+    for name in BUNDLED_HEADS:
+        if own.get("encoder_id") and meta(bundled_head_path(name)).get("encoder_id") == own["encoder_id"]:
+            return name
+    return None
+
+
 def default_encoder_name() -> str:
     """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline ``lite``."""
     from .encoders import default_encoder_name as cached_or_lite
 
     return os.environ.get("DENUC_ENCODER") or cached_or_lite()
+
+
+def resolve_models(encoder=None, head=None, encoder_weights=None) -> tuple[str, object]:
+    """``(encoder name, head path or None)`` that ``Pipeline.from_defaults`` builds for these
+    arguments: the encoder given, else the default; the head given, else (or for ``"bundled"``) the
+    encoder's bundled head (none for own encoder weights). Cheap: no model is loaded."""
+    bundled = str(head) == "bundled"  # as in denuc-train head --from-head bundled
+    if bundled:
+        head = None
+    name = encoder or default_encoder_name()
+    shipped = bundled_head_path(name) if encoder_weights is None else None
+    if head is None and shipped is not None and shipped.is_file():
+        head = shipped
+    elif bundled:
+        raise DenucError(f"no head is shipped for the encoder {name!r}" + (" with your own --encoder-weights" if encoder_weights else ""))
+    return name, head
 
 
 def _phase(progress, start: float, span: float):
@@ -61,18 +102,15 @@ class Pipeline:
     @classmethod
     def from_defaults(cls, detector=None, encoder=None, head=None, device=None, encoder_weights=None):
         """Build from paths/names; None means the bundled detector, the default encoder and the
-        encoder's bundled head."""
+        encoder's bundled head (also for ``head="bundled"``)."""
         from .detection.checkpoint import load_detector
         from .encoders import get_encoder
         from .encoders.lite import bundled_neck
         from .head import LinearHead
 
         det = load_detector(detector, device=device)
-        name = encoder or default_encoder_name()
+        name, head = resolve_models(encoder, head, encoder_weights)
         enc = get_encoder(name, detector=bundled_neck(device).model, weights=encoder_weights, device=device)
-        shipped = bundled_head_path(name) if encoder_weights is None else None
-        if head is None and shipped is not None and shipped.is_file():
-            head = shipped
         lin = LinearHead.load(head, encoder=enc) if head is not None else None
         return cls(det, enc, lin)
 

@@ -21,9 +21,10 @@ def build_parser():
     p.add_argument("--sample", action="store_true", help="also run on the bundled BRCA-M2C sample tile")
     p.add_argument("--mpp", type=float, help="micrometres per pixel of inputs whose files state none (0.5 = 20x, 0.25 = 40x)")
     p.add_argument("--detector", help="detector checkpoint (default: bundled)")
-    p.add_argument("--encoder", help="encoder name (default: uni2-h when its weights are cached, else lite)")
+    p.add_argument("--encoder", help="encoder name (default: the one --head was trained with; without --head uni2-h when "
+                   "its weights are cached, else effnet-lite0)")
     p.add_argument("--encoder-weights", help="local encoder state dict (no network)")
-    p.add_argument("--head", help="linear head (default: the bundled lite head when the encoder is lite)")
+    p.add_argument("--head", help="linear head (default, or bundled: the head shipped for the encoder)")
     p.add_argument("--tau", type=float,
                    help="detection score threshold, 0-1 (default: the detector's own; the widget's 'Fit to view' finds one from corrected nuclei)")
     p.add_argument("--format", default=None, help="comma-separated outputs among geojson,csv,parquet (default: all available)")
@@ -61,19 +62,22 @@ def _formats(value: str | None) -> tuple[str, ...]:
 def _write_overlays(result, out: Path, quiet: bool) -> None:
     from ..errors import DenucError
     from ..io.images import read_image
-    from ..io.overlay import write_overlay
+    from ..io.overlay import SUFFIX, write_overlay
     from ..io.points import read_points
 
     for r in result.slides:
-        if not r.ok or "geojson" not in r.outputs:
+        if not r.ok:
             continue
         try:
             image, _ = read_image(r.path)
         except DenucError:
-            continue  # a whole-slide image: too large for a single PNG
-        if image.shape[0] * image.shape[1] > 64e6:
+            image = None  # a whole-slide image (SVS, NDPI...) that tifffile/PIL cannot read whole
+        if image is None or image.shape[0] * image.shape[1] > 64e6:
+            if not quiet:
+                print(f"no overlay for {r.path}: larger than 64 megapixels (open it with its GeoJSON in QuPath or napari)",
+                      file=sys.stderr)
             continue
-        target = out / f"{r.stem}.overlay.png"
+        target = out / f"{r.stem}{SUFFIX}"
         write_overlay(target, image, read_points(r.outputs["geojson"]))
         if not quiet:
             print(f"overlay: {target}", file=sys.stderr)
@@ -91,10 +95,12 @@ def _main(args) -> int:
     if not inputs:
         raise DenucError("no inputs: give image/slide paths, a folder, a glob, a .csv list, or --sample")
     inputs = [(Path(i[0]), i[1]) if isinstance(i, tuple) else i for i in inputs]
+    if args.overlay and "geojson" not in _formats(args.format):
+        raise DenucError("--overlay draws the nuclei from the GeoJSON output; add geojson to --format")
     if args.tau is not None and not 0 < args.tau < 1:
         raise DenucError(f"--tau must be between 0 and 1 (a detection score), got {args.tau}")
     factory = PipelineFactory(
-        detector=args.detector, encoder=args.encoder, head=args.head, device=args.device,
+        detector=args.detector, encoder=common.encoder_for(args.encoder, args.head), head=args.head, device=args.device,
         batch_size=args.batch_size, threads=args.threads if args.threads else (1 if args.dask or args.scheduler else None),
         encoder_weights=args.encoder_weights, tau=args.tau,
     )

@@ -56,8 +56,9 @@ def build_parser():
     h.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
                    help="data set with train and val splits, or slides=LIST.csv (columns slide,points[,mpp]: whole slides "
                         "with QuPath GeoJSON/CSV points, read only around the points); repeatable")
-    h.add_argument("--class-map", metavar="MAP", help='QuPath class name -> head class for slides=, e.g. "Tumor=tumour,Immune cells=lymphocyte,Necrosis=" '
-                   "(empty: ignore); derived classes (Tumor: Positive) follow their base name")
+    h.add_argument("--class-map", metavar="MAP", help='class names in slides= or folder= point files -> head classes, e.g. '
+                   '"Tumor=tumour,Immune cells=lymphocyte,Necrosis=" (empty: ignore); derived classes (Tumor: Positive) follow their base name')
+    h.add_argument("--mpp", type=float, help="folder data: micrometres per pixel of images whose files state none (default 0.5, with a warning)")
     h.add_argument("--from-head", metavar="PATH|bundled", help="retrain this head from the corrections, keeping what it knew "
                    "(never-forget retraining, as in the napari widget; bundled: the head shipped for --encoder); --out must be a new file")
     h.add_argument("--detector", help="detector checkpoint (default: bundled); used by lite and for --background")
@@ -103,24 +104,45 @@ def _detector(args) -> int:
     return 0
 
 
-def _load_data(data, class_map, class_names, max_images: int, extend: bool = False):
-    """(train, val) samples: named data sets by split; ``slides=LIST.csv`` entries train only."""
+def _load_data(data, class_map, class_names, max_images: int, extend: bool = False, mpp: float | None = None):
+    """(train, val) samples: named data sets by split; ``slides=LIST.csv`` entries train only.
+
+    ``class_map``, ``class_names`` and ``extend`` apply to ``slides=`` and ``folder=`` data (the
+    user's own class names), ``mpp`` to ``folder=`` data; the named data sets state their own.
+    """
+    from pathlib import Path
+
     from ..data import load_dataset
     from ..data.slides import load_slides
     from ..errors import DenucError
 
     lists = [root for name, root in data if name == "slides"]
+    names = {name for name, _ in data}
+    if (class_map and not names & {"slides", "folder"}) or (mpp is not None and "folder" not in names):
+        raise DenucError("--class-map applies to slides= and folder= data, --mpp to folder= data; the other data sets state "
+                         "their own classes and resolution")
     train, val = [], []
     if lists:
         train += load_slides(lists, class_map, class_names, log=lambda m: print(m, file=sys.stderr), extend=extend)
-    elif class_map:
-        raise DenucError("--class-map applies to slides=LIST.csv data; rename the classes of other data sets in their files")
     for name, root in data:
         if name == "slides":
             continue
-        train += load_dataset(name, root, "train")
+        options = {}
+        if name == "folder":
+            options = {**common.folder_options(name, class_map, mpp), "class_names": class_names, "extend": extend}
+        split = "train"
+        if name == "folder" and not (Path(root) / "train").is_dir():
+            split = "all"  # a plain folder of annotated images: all of it trains, nothing is held out
+            print(f"{root} has no train/ and val/ subfolders: training on all its annotated images, without validation",
+                  file=sys.stderr)
+        part = load_dataset(name, root, split, **options)
+        train += part
+        if split == "all":
+            continue
+        if name == "folder" and part:  # val is read with train's classes: a class missing from val keeps its place
+            options.update(class_names=part[0].class_names, extend=False)
         try:
-            val += load_dataset(name, root, "val")
+            val += load_dataset(name, root, "val", **options)
         except DenucError as exc:
             print(f"no validation split for {name}: {exc}", file=sys.stderr)
     if max_images:
@@ -160,7 +182,7 @@ def _head(args) -> int:
     if args.finetune == "lora":
         from ..encoders.finetune import lora_finetune_to_files
 
-        train, _ = _load_data(data, class_map, None, args.max_images)
+        train, _ = _load_data(data, class_map, None, args.max_images, mpp=args.mpp)
         if any(not hasattr(s, "image") for s in train):
             raise DenucError("--finetune lora reads whole images; it does not take slides=LIST.csv yet")
         weights, out = lora_finetune_to_files(args.encoder, train, args.out, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,
@@ -179,12 +201,13 @@ def _head(args) -> int:
         old = LinearHead.load(src, encoder=encoder)
         if Path(args.out).exists():
             raise DenucError(f"{args.out} already exists; retrained heads are written to a new file")
-        train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images, extend=True)
-        res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data]})
+        train, _ = _load_data(data, class_map, tuple(old.class_names), args.max_images, extend=True, mpp=args.mpp)
+        res = retrain_from_samples(pipe, old, train, args.out, metadata={"retrained_from": src.name, "datasets": [n for n, _ in data],
+                                                                            "encoder": args.encoder})
         print(f"{src.name} updated with your corrections (classes: {', '.join(res.head.class_names)}).")
         print(res.summary())
         return 0
-    train, val = _load_data(data, class_map, None, args.max_images)
+    train, val = _load_data(data, class_map, None, args.max_images, mpp=args.mpp)
     if not train:
         raise DenucError("no training images")
     head, report = train_head(
@@ -194,7 +217,7 @@ def _head(args) -> int:
     )
     if distributed.setup()[0] > 0:
         return 0  # every rank fitted the same head; rank 0 writes it
-    head.save(args.out, metadata={"training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
+    head.save(args.out, metadata={"encoder": args.encoder, "training": {"datasets": [n for n, _ in data], "detector": pipe.detector.id, **report}})
     if "val_end_to_end" in report:
         for name, c in report["val_end_to_end"]["classes"].items():
             print(f"  {name:>12}: F1 {c['f1']:.4f} (P {c['precision']:.3f}, R {c['recall']:.3f}, n={c['support']})")

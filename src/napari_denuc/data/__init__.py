@@ -51,5 +51,7 @@ def clean_points(points, labels, shape, source: str):
     h, w = shape[:2]
     inside = inside_image(points, shape)
     if not inside.all():
-        warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image", stacklevel=3)
+        # most points outside: typically a QuPath export of a region's objects, in whole-slide pixels
+        hint = "; are they in whole-slide coordinates? They must be in this image's own pixels" if inside.sum() < (~inside).sum() else ""
+        warnings.warn(f"{source}: dropped {int((~inside).sum())} point(s) outside the {w}x{h} image{hint}", stacklevel=3)
     return points[inside], labels[inside]

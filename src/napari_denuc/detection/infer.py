@@ -29,6 +29,10 @@ SEAM_MARGIN = 4  # pixels kept beyond a window's owned region (see detect_at_mod
 # for a 0.5-mpp model) or enlarging more than 1.6x (mpp > 0.8: nuclei only a few pixels wide)
 # is far outside training (scale jitter 0.8-1.25) and most often a wrong --mpp.
 SAFE_FACTORS = (0.22, 1.6)
+# Beyond this enlargement the stated mpp is wrong (nuclei under 2 px wide at a 0.5-mpp model's
+# 8x), and the enlarged image would not fit in memory: --mpp 50 (a magnification typed as an
+# mpp) made a 1000 x 1000 tile 100 000 px wide and took 11 GB before anything was detected.
+MAX_ENLARGE = 8.0
 CANDIDATE_TAU = 0.1  # score floor of detect_candidates: re-thresholding above it is exact
 
 
@@ -37,8 +41,16 @@ class ResolutionWarning(UserWarning):
 
 
 def check_resolution(mpp: float, model_mpp: float) -> float:
-    """The resampling factor for ``mpp``; warns (ResolutionWarning) when it is far outside training."""
+    """The resampling factor for ``mpp``; warns (ResolutionWarning) when it is far outside training.
+
+    DenucError beyond ``MAX_ENLARGE``.
+    """
     factor = mpp / model_mpp
+    if factor > MAX_ENLARGE:
+        raise DenucError(
+            f"mpp {mpp:g} would enlarge the image {factor:.3g}x for the detector's {model_mpp:g} mpp (at most "
+            f"{MAX_ENLARGE:g}x); the mpp is micrometres per pixel, not the magnification: 0.25 for 40x, 0.5 for 20x"
+        )
     lo, hi = SAFE_FACTORS
     if not lo <= factor <= hi:
         what = "enlarged" if factor > 1 else "shrunk"

@@ -57,6 +57,26 @@ def as_rgb_uint8(image, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+# OME's length units, in micrometres (PhysicalSizeX defaults to µm; micro sign or Greek mu)
+_OME_UNITS = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    """PhysicalSizeX of the first image in OME-XML (QuPath's and bfconvert's OME-TIFF), in µm."""
+    if not xml:
+        return None
+    m = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml)
+    size = m and re.search(r'\sPhysicalSizeX="([^"]+)"', m.group(0))
+    if not size:
+        return None
+    unit = re.search(r'\sPhysicalSizeXUnit="([^"]+)"', m.group(0))
+    try:
+        mpp = float(size.group(1)) * _OME_UNITS[unit.group(1) if unit else "\u00b5m"]
+    except (KeyError, ValueError):
+        return None
+    return mpp if 0.05 <= mpp <= 20 else None
+
+
 def _tiff_mpp(path: Path) -> float | None:
     import tifffile
 
@@ -66,6 +86,10 @@ def _tiff_mpp(path: Path) -> float | None:
         m = re.search(r"MPP\s*=\s*([0-9.]+)", desc)  # Aperio SVS / pyramidal TIFF descriptions
         if m and float(m.group(1)) > 0:
             return float(m.group(1))
+        if tif.is_ome:
+            ome = _ome_mpp(tif.ome_metadata)
+            if ome is not None:
+                return ome
         tags = page.tags
         if "XResolution" in tags:
             num, den = tags["XResolution"].value

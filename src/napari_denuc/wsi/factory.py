@@ -53,12 +53,18 @@ class PipelineFactory:
     tau: float | None = None
 
     def config(self) -> dict:
-        # device/batch_size/threads don't change what is detected; model files are identified by content stamp
+        # device/batch_size/threads don't change what is detected; model files are identified by content stamp.
+        # Defaults are resolved: the default encoder changes when UNI2-h's weights arrive in the cache, and
+        # the bundled detector and heads with an update; tiles or outputs of the old ones must not be reused.
+        from ..detection.checkpoint import bundled_detector_path
+        from ..pipeline import resolve_models
+
+        encoder, head = resolve_models(self.encoder, self.head, self.encoder_weights)
         return {
             "kind": "pipeline",
-            "detector": _file_identity(self.detector),
-            "encoder": self.encoder,
-            "head": _file_identity(self.head),
+            "detector": _file_identity(self.detector or bundled_detector_path()),
+            "encoder": encoder,
+            "head": _file_identity(head),
             "encoder_weights": _file_identity(self.encoder_weights),
             "target_mpp": self.target_mpp,
             **({"tau": self.tau} if self.tau is not None else {}),  # unset: the same config as before the option

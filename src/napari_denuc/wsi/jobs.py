@@ -95,6 +95,17 @@ def bar(progress, **kw):
     return tqdm(**kw)
 
 
+def other_input(job: Job) -> str | None:
+    """The input whose finished results ``job``'s outputs would replace, when that is another file.
+
+    Outputs are named by the input's stem, so ``hospA/1.svs`` and, in a later run into the same
+    folder, ``hospB/1.svs`` share ``1.geojson``: the second must not silently replace the first.
+    """
+    s = read_summary(job.summary_file) or {}
+    held = ((s.get("config") or {}).get("slide") or {}).get("path")
+    return held if held and held != job.run_config["slide"].get("path") else None
+
+
 def up_to_date(job: Job) -> bool:
     s = read_summary(job.summary_file)
     if not s or s.get("config_hash") != job.key or not all(p.is_file() for p in job.paths.values()):

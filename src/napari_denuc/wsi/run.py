@@ -26,11 +26,11 @@ from pathlib import Path
 from ..errors import DenucError
 from .executors import make_client, run_dask, run_local
 from .factory import DEFAULT_TARGET_MPP, PipelineFactory, factory_config, resolve_target_mpp
-from .jobs import BatchResult, Job, RunContext, SlideResult, bar, slide_identity, unique_stems, up_to_date
+from .jobs import BatchResult, Job, RunContext, SlideResult, bar, other_input, slide_identity, unique_stems, up_to_date
 from .outputs import FORMATS, output_paths, read_summary, summary_path
 from .slides import expand_inputs
 from .store import config_hash
-from .tiling import MaskParams
+from .tiling import MaskParams, check_tiling
 from .worker import class_info, compute_plan, compute_tile, relax_malloc_trim, set_threads
 
 RUN_VERSION = 1
@@ -127,6 +127,7 @@ def predict_slides(
     for f in formats:
         if f not in FORMATS:
             raise DenucError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
+    check_tiling(tile_size, overlap)  # before any model is loaded, not once per slide
     mask_params = mask_params or MaskParams()
     if geojson_per_class and "geojson" not in formats:
         raise DenucError("--geojson-per-class needs the geojson format; add geojson to --format")
@@ -173,7 +174,14 @@ def predict_slides(
 
         todo = []
         for job in jobs:
-            if not overwrite and up_to_date(job):
+            held = None if overwrite else other_input(job)
+            if held:
+                job.result.status = "failed"
+                job.result.error = (
+                    f"{out_dir / job.result.stem}.* hold the results of {held}, another file of the same name; "
+                    "write these to another --out folder, or pass --overwrite to replace them"
+                )
+            elif not overwrite and up_to_date(job):
                 job.result.status = "up-to-date"
                 job.result.summary = read_summary(job.summary_file)
                 job.result.outputs = {k: str(out_dir / v) for k, v in job.result.summary["outputs"].items()}

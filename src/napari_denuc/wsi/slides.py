@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import DenucError
 from ..io.images import as_rgb_uint8, read_image
+from ..io.overlay import SUFFIX as OVERLAY_SUFFIX
 
 WSI_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".qptiff", ".svslide"}
 OPENSLIDE_ONLY = {".ndpi", ".mrxs", ".vms", ".vmu", ".svslide"}
@@ -64,11 +65,17 @@ def _read_csv_list(path: Path) -> list[tuple[Path, float | None]]:
     return out
 
 
+def _is_input_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.lower().endswith(OVERLAY_SUFFIX)
+
+
 def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | None]]:
     """Expand image files, folders, glob patterns and CSV lists into ``[(path, mpp or None), ...]``.
 
     - a folder contributes its image files (not recursive), sorted by name;
     - a pattern with ``*``, ``?`` or ``[`` is globbed (``**`` recurses), sorted;
+    - folders and patterns leave out ``denuc-predict --overlay`` pictures (``*.overlay.png``): with
+      ``--out`` the input folder, a second run would otherwise detect nuclei in its own overlays;
     - a ``.csv`` file is a list of ``path[,mpp]`` rows (header ``path,mpp`` optional; relative
       paths are relative to the CSV's folder);
     - ``mpp`` fills the inputs that have none from a CSV (it then counts as the input's own mpp,
@@ -84,7 +91,7 @@ def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | No
         s = os.path.expanduser(str(a))
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_input_image(q))
             if not found:
                 raise DenucError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {p}")
             out += [(q, None) for q in found]
@@ -94,7 +101,7 @@ def expand_inputs(args, mpp: float | None = None) -> list[tuple[Path, float | No
             out.append((p, None))
         elif any(c in s for c in "*?["):
             found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file())
-            found = [q for q in found if q.suffix.lower() in IMAGE_SUFFIXES]
+            found = [q for q in found if _is_input_image(q)]
             if not found:
                 raise DenucError(f"the pattern {s!r} matches no image files")
             out += [(q, None) for q in found]
@@ -237,7 +244,7 @@ def open_slide(path) -> SlideSource:
     """Open ``path`` with the best reader; raises DenucError if it can't be read."""
     path = Path(path)
     if not path.is_file():
-        raise DenucError(f"slide not found: {path}")
+        raise DenucError(f"file not found: {path}")
     suffix = path.suffix.lower()
     errors = []  # (reader, error), in the order tried: the message names each reader
     if suffix in OPENSLIDE_ONLY:
@@ -270,8 +277,10 @@ def open_slide(path) -> SlideSource:
             errors.append(("image reader", str(exc)))
     if not errors:
         raise DenucError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-    tried = ", ".join(r for r, _ in errors)
     first = " ".join(errors[0][1].split())  # one line, whatever the reader's message holds
+    if len(errors) == 1 and errors[0][0] == "image reader":  # a PNG/JPEG: its reader's message says it all
+        raise DenucError(first)
+    tried = ", ".join(r for r, _ in errors)
     raise DenucError(f"cannot read the slide {path} with {tried} ({errors[0][0]}: {first})")
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..errors import DenucError
 from ..geometry import rescale_points
 from .slides import SlideSource
 
@@ -158,6 +159,14 @@ class TilePlan:
         return d
 
 
+def check_tiling(tile_size: int, overlap: int) -> None:
+    """DenucError for a tile size or overlap the plan cannot use (``--tile-size``, ``--overlap``)."""
+    if tile_size < 16 or overlap < 0 or overlap > tile_size:
+        raise DenucError(
+            f"--tile-size must be at least 16 and --overlap between 0 and the tile size, got {tile_size} and {overlap}"
+        )
+
+
 def plan_tiles(
     source: SlideSource,
     slide_mpp: float,
@@ -168,8 +177,7 @@ def plan_tiles(
     mask_downsample: float = 1.0,
 ) -> TilePlan:
     """Cut the level nearest ``target_mpp`` into tiles; tiles whose core has no tissue are marked background."""
-    if tile_size < 16 or overlap < 0 or overlap > tile_size:
-        raise ValueError(f"bad tiling: tile_size={tile_size}, overlap={overlap}")
+    check_tiling(tile_size, overlap)
     level = choose_level(source, slide_mpp, target_mpp)
     ds = source.level_downsamples[level]
     lw, lh = source.level_dimensions[level]
