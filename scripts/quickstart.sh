@@ -4,7 +4,7 @@
 # Creates the project's virtual environment .venv (see scripts/_venv.sh; works with Debian's
 # and Ubuntu's own python3), installs the package into it, detects and classifies nuclei in the
 # bundled BRCA-M2C sample tile with the bundled detector, the default encoder (the offline
-# ImageNet effnet-lite0, or UNI2-h when its weights are cached) and its bundled head, writes
+# effnet-lite0-nuclei, or UNI2-h when its weights are cached) and its bundled head, writes
 # QuPath GeoJSON, CSV, Parquet and a PNG overlay, and opens napari with the result and the
 # DeNuC widget when a display is available.
 # Afterwards:  . .venv/bin/activate   then   napari, denuc-predict, denuc-train, denuc-eval

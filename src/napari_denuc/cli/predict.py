@@ -22,7 +22,7 @@ def build_parser():
     p.add_argument("--mpp", type=float, help="micrometres per pixel of inputs whose files state none (0.5 = 20x, 0.25 = 40x)")
     p.add_argument("--detector", help="detector checkpoint (default: bundled)")
     p.add_argument("--encoder", help="encoder name (default: the one --head was trained with; without --head uni2-h when "
-                   "its weights are cached, else effnet-lite0)")
+                   "its weights are cached, else effnet-lite0-nuclei)")
     p.add_argument("--encoder-weights", help="local encoder state dict (no network)")
     p.add_argument("--head", help="linear head (default, or bundled: the head shipped for the encoder)")
     p.add_argument("--tau", type=float,
