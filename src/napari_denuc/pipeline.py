@@ -13,7 +13,7 @@ from .errors import DenucError
 from .io.images import as_rgb_uint8
 from .results import Detections
 
-# Heads shipped in weights/, per encoder. Both encoders read the neck of a frozen detector of
+# Heads shipped in weights/, per encoder. The encoders read the neck of a frozen detector of
 # their own (encoders.lite.bundled_neck), so the heads fit any detector.
 BUNDLED_HEADS = {"effnet-lite0-nuclei": "effnet_lite0_nuclei_head.safetensors", "effnet-lite0": "effnet_lite0_head.safetensors",
                  "lite": "lite_head.safetensors"}
@@ -51,7 +51,8 @@ def head_encoder_name(head) -> str | None:
 
 
 def default_encoder_name() -> str:
-    """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline ``lite``."""
+    """``$DENUC_ENCODER`` if set; else ``uni2-h`` when its weights are cached; else the offline
+    ``effnet-lite0-nuclei`` (``encoders.default_encoder_name``)."""
     from .encoders import default_encoder_name as cached_or_lite
 
     return os.environ.get("DENUC_ENCODER") or cached_or_lite()

@@ -46,7 +46,11 @@ def macenko_stains(image: np.ndarray, beta: float = 0.15, alpha: float = 1.0):
     """The stains of an RGB uint8 tile: (stain matrix (3, 2), haematoxylin then eosin column, unit
     optical-density vectors; 99th-percentile concentration of each (2,)), or None when the tile
     holds fewer than 500 stained pixels (optical density above ``beta`` in every channel)."""
-    od = _optical_density(image)
+    return _stains(_optical_density(image), beta, alpha)
+
+
+def _stains(od: np.ndarray, beta: float = 0.15, alpha: float = 1.0):
+    """:func:`macenko_stains` of a tile's (N, 3) optical densities."""
     tissue = od[(od > beta).all(axis=1)]
     if len(tissue) < 500:
         return None
@@ -70,12 +74,13 @@ def macenko_normalize(image: np.ndarray, target=MACENKO_TARGET) -> np.ndarray:
     A tile with too little stained tissue (mostly glass or fat) is returned unchanged.
     """
     image = np.asarray(image, dtype=np.uint8)
-    stains = macenko_stains(image)
+    od = _optical_density(image)
+    stains = _stains(od)
     if stains is None:
         return image.copy()
     he, max_conc = stains
     ref_he, ref_max = np.asarray(target[0], dtype=np.float64), np.asarray(target[1], dtype=np.float64)
-    conc = np.linalg.lstsq(he, _optical_density(image).T, rcond=None)[0]
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0]
     conc *= (ref_max / np.maximum(max_conc, 1e-6))[:, None]
     rgb = 256.0 * np.exp(-(ref_he @ conc)) - 1.0
     return np.clip(rgb.T.reshape(image.shape) + 0.5, 0, 255).astype(np.uint8)

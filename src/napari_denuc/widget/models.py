@@ -29,10 +29,10 @@ def bundled_head(name, encoder):
     ``encoder``: what ``Pipeline.from_defaults`` uses when no head is chosen. None when there is none.
     A module-level function so tests can substitute theirs."""
     from ..head import LinearHead
-    from ..pipeline import bundled_head_path, default_encoder_name
+    from ..pipeline import resolve_models
 
-    path = bundled_head_path(name or default_encoder_name())  # by registry name: encoder.id carries a version
-    return LinearHead.load(path, encoder=encoder) if path is not None and path.is_file() else None
+    _, path = resolve_models(name)  # by registry name: encoder.id carries a version
+    return LinearHead.load(path, encoder=encoder) if path is not None else None
 
 
 def encoder_choices() -> list[str]:
