@@ -297,17 +297,24 @@ def test_predict_bad_tiling_is_a_usage_error(tmp_path):
 
 
 def test_predict_with_a_head_uses_the_encoder_it_was_trained_with(tmp_path, capsys):
-    """denuc-train head (default encoder lite), then denuc-predict --head without --encoder (default effnet-lite0):
-    the head says which encoder it needs, by its recorded name or, for older heads, a bundled head's encoder id."""
+    """denuc-train head with the default encoder, then denuc-predict --head without --encoder: the head
+    says which encoder it needs, by its recorded name or, for older heads, a bundled head's encoder id.
+    Options not given are those of the encoder's bundled head (they were chosen per encoder by LOSO)."""
     from PIL import Image
 
     from napari_denuc._sample_data import SAMPLE_IMAGE
-    from napari_denuc.pipeline import bundled_head_path
+    from napari_denuc.pipeline import bundled_head_path, default_encoder_name
 
     root = _user_folder(tmp_path / "data", USER_NAMES, split="train")
     mine = tmp_path / "mine.safetensors"
     assert train.main(["head", "--data", f"folder={root}", "--mpp", "0.5", "--context-um", "0", "--epochs", "5",
                        "--out", str(mine)]) == 0
+    card = json.loads(Path(f"{mine}.json").read_text())
+    shipped = json.loads(Path(f"{bundled_head_path(default_encoder_name())}.json").read_text())["training"]
+    assert card["encoder"] == default_encoder_name() and card["context_um"] in (0, None)
+    fit = card["training"]["fit"]
+    assert (fit["class_weight"], fit["weight_decay"]) == (shipped["class_weight"], shipped["weight_decay"])
+    assert "head options for" in capsys.readouterr().err
     Image.open(SAMPLE_IMAGE).crop((0, 0, 200, 160)).save(tmp_path / "tile.png")
     for head in (mine, bundled_head_path("lite")):  # recorded name; encoder id of the bundled lite head
         out = tmp_path / head.stem

@@ -51,7 +51,7 @@ def build_parser():
 
     h = sub.add_parser("head", help="train the linear head on frozen encoder features at nuclei")
     h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
-    h.add_argument("--encoder", default="lite")
+    h.add_argument("--encoder", default="default", help="encoder name (default: the pipeline's default encoder, as denuc-predict uses)")
     h.add_argument("--encoder-weights", help="local encoder state dict (no network)")
     h.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
                    help="data set with train and val splits, or slides=LIST.csv (columns slide,points[,mpp]: whole slides "
@@ -64,11 +64,14 @@ def build_parser():
     h.add_argument("--detector", help="detector checkpoint (default: bundled); used by lite and for --background")
     h.add_argument("--out", required=True, help="head file to write (.safetensors + .json sidecar)")
     h.add_argument("--background", action="store_true", help="add a background class trained on detections that match no nucleus")
-    h.add_argument("--class-weight", choices=["none", "balanced"], default="balanced", help="balanced (default) weighs classes by inverse frequency: it raises the mean per-class F1")
-    h.add_argument("--weight-decay", type=float, default=0.3, help="L2 penalty of the head (chosen by leave-one-site-out: training/loso_heads.py)")
-    h.add_argument("--context-um", type=float, default=40.0,
+    # The next three default to the options the encoder's bundled head was trained with: they were
+    # chosen per encoder by leave-one-site-out (docs/benchmarks.md), and differ between encoders.
+    h.add_argument("--class-weight", choices=["none", "balanced"],
+                   help="balanced weighs classes by inverse frequency (default: as the encoder's bundled head; else balanced)")
+    h.add_argument("--weight-decay", type=float, help="L2 penalty of the head (default: as the encoder's bundled head; else 0.3)")
+    h.add_argument("--context-um", type=float,
                    help="each nucleus also reads the mean features of the nuclei within this radius and their count (0: off; "
-                        "chosen by leave-one-site-out). The training points must then be all the nuclei of each image or region")
+                        "default: as the encoder's bundled head; else 40). The training points must then be all the nuclei of each image or region")
     h.add_argument("--epochs", type=int, default=100)
     h.add_argument("--lr", type=float, default=0.01)
     h.add_argument("--radius-um", type=float, default=3.0)
@@ -163,6 +166,28 @@ def _huge_pages_for_slides(args) -> None:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+def head_options(args) -> tuple:
+    """(class_weight, weight_decay, context_um): those given, the rest as the encoder's bundled head
+    was trained (its sidecar), else balanced, 0.3 and 40 um. Printed, so the log says what was used."""
+    import json
+
+    from ..io.naming import sidecar_path
+    from ..pipeline import bundled_head_path
+
+    shipped = {"class_weight": "balanced", "weight_decay": 0.3, "context_um": 40.0}
+    path = bundled_head_path(args.encoder)
+    if path is not None:
+        card = json.loads(sidecar_path(path).read_text())
+        shipped = {"class_weight": card["training"].get("class_weight"), "weight_decay": card["training"]["weight_decay"],
+                   "context_um": card.get("context_um") or 0.0}
+    given = {"class_weight": args.class_weight, "weight_decay": args.weight_decay, "context_um": args.context_um}
+    chosen = {k: shipped[k] if v is None else v for k, v in given.items()}
+    chosen["class_weight"] = None if chosen["class_weight"] in (None, "none") else chosen["class_weight"]
+    print(f"head options for {args.encoder}: class weight {chosen['class_weight'] or 'none'}, weight decay "
+          f"{chosen['weight_decay']:g}, context {chosen['context_um']:g} um", file=sys.stderr)
+    return chosen["class_weight"], chosen["weight_decay"], chosen["context_um"]
+
+
 def _head(args) -> int:
     _huge_pages_for_slides(args)
     from pathlib import Path
@@ -175,10 +200,12 @@ def _head(args) -> int:
     from ..errors import DenucError
     from ..head import LinearHead
     from ..head_training import retrain_from_samples, train_head
-    from ..pipeline import Pipeline, bundled_head_path
+    from ..pipeline import Pipeline, bundled_head_path, default_encoder_name
 
     data = common.parse_data_args(args.data)
     class_map = parse_class_map(args.class_map)
+    if args.encoder == "default":
+        args.encoder = default_encoder_name()
     if args.finetune == "lora":
         from ..encoders.finetune import lora_finetune_to_files
 
@@ -210,10 +237,10 @@ def _head(args) -> int:
     train, val = _load_data(data, class_map, None, args.max_images, mpp=args.mpp)
     if not train:
         raise DenucError("no training images")
+    class_weight, weight_decay, context_um = head_options(args)
     head, report = train_head(
-        pipe, train, val, background=args.background,
-        class_weight=None if args.class_weight == "none" else args.class_weight, weight_decay=args.weight_decay,
-        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um, context_um=args.context_um,
+        pipe, train, val, background=args.background, class_weight=class_weight, weight_decay=weight_decay,
+        epochs=args.epochs, lr=args.lr, radius_um=args.radius_um, context_um=context_um,
     )
     if distributed.setup()[0] > 0:
         return 0  # every rank fitted the same head; rank 0 writes it
