@@ -11,6 +11,9 @@ in the figure saw the held-out site except the ``lite`` encoder's neck (``encode
     python training/loso_end_to_end.py features --config eff0@0.5 --config lite [--folds runs/loso_long/shipped-travel]
     # 2. f_avg and detection F1 across thresholds; a threshold per tile (oracle, rules); tau fitted to corrected tiles
     python training/loso_end_to_end.py score --config 'eff0@0.5|lite' --context-um 40 [--shipped-tau T] [--json OUT]
+    # the default encoder: each site's fold of effnet-lite0-nuclei (probe_finetune_effnet.py train --holdout SITE) and its head options
+    python training/loso_end_to_end.py features --config 'eff0ft-{site}' --config lite --folds runs/loso_long/shipped-travel-200
+    python training/loso_end_to_end.py score --config 'eff0ft-{site}|lite' --class-weight none --weight-decay 0.1 --folds runs/loso_long/shipped-travel-200
 """
 
 from __future__ import annotations
@@ -59,26 +62,31 @@ def fold_candidates(samples, folds: Path):
 
 
 def features(config: str, root, folds: Path):
+    """Features at the fold detectors' candidates; ``{site}`` in ``config``: each site's tiles encoded
+    by its own fold's encoder (e.g. ``eff0ft-{site}``, Lite0 fine-tuned without that site)."""
     from napari_denuc.encoders.lite import bundled_neck
 
     train, val = load_samples(root)
     samples = train + val
     cands = fold_candidates(samples, folds)
-    enc = build_encoder(config, bundled_neck())
-    out_dir = cache_dir(folds) / config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, s in enumerate(samples):
-        path = out_dir / f"{Path(s.name).stem}.npz"
-        if not path.is_file():
-            np.savez(path, det=enc.features_at(s.image, cands[s.name][0], s.mpp).astype(np.float16))
-            print(f"{config}: {i + 1}/{len(samples)}", flush=True)
+    for site in sorted({site_of(s.name) for s in samples}) if "{site}" in config else [None]:
+        name = config.format(site=site) if site else config
+        enc = build_encoder(name, bundled_neck())
+        out_dir = cache_dir(folds) / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(samples):
+            path = out_dir / f"{Path(s.name).stem}.npz"
+            if (site is None or site_of(s.name) == site) and not path.is_file():
+                np.savez(path, det=enc.features_at(s.image, cands[s.name][0], s.mpp).astype(np.float16))
+                print(f"{name}: {i + 1}/{len(samples)}", flush=True)
 
 
 def load_fold_features(config: str, samples, folds: Path):
     if "|" in config:
         parts = [load_fold_features(c, samples, folds) for c in config.split("|")]
         return {n: np.concatenate([p[n] for p in parts], axis=1) for n in parts[0]}
-    return {s.name: np.load(cache_dir(folds) / config / f"{Path(s.name).stem}.npz")["det"].astype(np.float32) for s in samples}
+    return {s.name: np.load(cache_dir(folds) / config.format(site=site_of(s.name)) / f"{Path(s.name).stem}.npz")["det"].astype(np.float32)
+            for s in samples}
 
 
 def count_rule(scores) -> float:
@@ -171,7 +179,7 @@ def fitted_tau_within_tile(tiles, cands, shipped: float, min_nuclei: int = 30) -
     return {"shipped_detection_f1": round(float(f1(np.array([start]))[0]), 4), "fitted_detection_f1": round(float(f1(np.array([fitted]))[0]), 4)}
 
 
-def score(config: str, root, folds: Path, context_um: float, json_out, shipped_tau: float):
+def score(config: str, root, folds: Path, context_um: float, json_out, shipped_tau: float, class_weight="balanced", weight_decay=0.3):
     from napari_denuc.context import with_context
     from napari_denuc.detection.tau_fit import TAUS as FIT_TAUS
     from napari_denuc.metrics import PointScorer
@@ -181,14 +189,14 @@ def score(config: str, root, folds: Path, context_um: float, json_out, shipped_t
     names = samples[0].class_names
     cands = fold_candidates(samples, folds)
     det_feats = load_fold_features(config, samples, folds)
-    gt_feats = load_features(config, samples)
     rows, per_tile, fitted = {}, {}, {}
     for site in sorted({site_of(s.name) for s in samples}):
+        gt_feats = load_features(config.format(site=site), samples)  # the head's training features: this fold's encoder
         fit_on = [s for s in samples if site_of(s.name) != site]
         held = [s for s in samples if site_of(s.name) == site]
         feats = {s.name: {"gt": with_context(gt_feats[s.name]["gt"], s.points, s.mpp, context_um)} for s in fit_on}
         x, y = training_set(fit_on, feats, False)
-        head = fit_head(x, y, names, "balanced", 0.3)
+        head = fit_head(x, y, names, class_weight, weight_decay)
         head.prior = prior_sample(x, y, names)  # as the shipped heads carry one, for the widget's update
         user_inputs = {s.name: with_context(gt_feats[s.name]["gt"], s.points, s.mpp, context_um) for s in held}
         kept = {}
@@ -242,6 +250,8 @@ def main():
     ap.add_argument("--root", default="../shared/data/brca_m2c")
     ap.add_argument("--folds", type=Path, default=Path("runs/loso_long/shipped-travel"), help="<folds>/<site>/best.safetensors (the bundled recipe)")
     ap.add_argument("--context-um", type=float, default=40.0)
+    ap.add_argument("--class-weight", default="balanced", help="head option (none for the effnet-lite0-nuclei head)")
+    ap.add_argument("--weight-decay", type=float, default=0.3, help="head option (0.1 for the effnet-lite0-nuclei head)")
     ap.add_argument("--json")
     ap.add_argument("--shipped-tau", type=float, help="the threshold a fitted tau starts from and is compared with (default: the bundled detector's)")
     a = ap.parse_args()
@@ -253,7 +263,7 @@ def main():
         if a.what == "features":
             features(c, a.root, a.folds)
         else:
-            score(c, a.root, a.folds, a.context_um, a.json, a.shipped_tau)
+            score(c, a.root, a.folds, a.context_um, a.json, a.shipped_tau, None if a.class_weight == "none" else a.class_weight, a.weight_decay)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def build_encoder(config: str, neck):
     from napari_denuc.encoders.lite import LiteEncoder
 
     base = config.split("+")[0]
+    if base.startswith("eff0ft-"):  # Lite0 fine-tuned without one site (training/probe_finetune_effnet.py train --holdout SITE)
+        import torch
+
+        enc = EffNetEncoder("lite0", mpp=0.5)
+        enc.model.load_state_dict(torch.load(Path("runs/finetune_effnet") / base.split("-")[1] / "last.pt", weights_only=True)["model"])
+        enc.model.eval().requires_grad_(False)
+        return enc
     if base == "lite":
         return LiteEncoder(detector=neck)
     if base == "litefb":
