@@ -252,6 +252,19 @@ def test_csv_malformed_row_names_line(tmp_path, content, line):
         read_csv(path)
 
 
+def test_csv_from_a_european_spreadsheet(tmp_path):
+    """';' between fields and ',' as the decimal mark (Excel in many European locales) were one
+    column named 'x;y;class', refused as having no x and y."""
+    p = tmp_path / "punkte.csv"
+    p.write_text("x;y;class\n12,5;30,25;tumor\n40;7,75;\"Immune, cells\"\n", encoding="utf-8")
+    det = read_csv(p)
+    assert det.xy.tolist() == [[12.5, 30.25], [40.0, 7.75]]
+    assert [det.class_names[i] for i in det.class_ids] == ["tumor", "Immune, cells"]
+    headerless = tmp_path / "ocelot.csv"
+    headerless.write_text("12,5;30;1\n", encoding="utf-8")
+    assert read_csv(headerless).xy.tolist() == [[12.5, 30.0]]
+
+
 def test_csv_bad_header_and_empty(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("row,col\n1,2\n")

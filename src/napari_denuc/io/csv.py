@@ -88,6 +88,12 @@ def _is_number(s: str) -> bool:
         return False
 
 
+def _decimal_comma(cell: str) -> str:
+    """ "12,5" -> "12.5" when that makes a number; any other text is kept."""
+    dotted = cell.strip().replace(",", ".")
+    return dotted if "," in cell and _is_number(dotted) else cell
+
+
 def read_csv(path, class_names=None) -> Detections:
     """Read points from a CSV file.
 
@@ -95,7 +101,8 @@ def read_csv(path, class_names=None) -> Detections:
     ``label``, ``classification`` or ``name``), ``score`` (default 1.0), ``prob_<class>``,
     ``source`` (default ``"model"``) and ``reviewed`` (0/1 or true/false, default false).
     A file whose first row is numeric has no header and is read as ``x,y[,class[,score]]``
-    (the OCELOT layout).
+    (the OCELOT layout). Fields separated by ``;`` with ``,`` as the decimal mark (what
+    spreadsheets save in many European locales) are read as such.
 
     The class column holds either names or, when every value is an integer, **1-based class
     ids**: ``1`` is ``class_names[0]``. Integer ids without ``class_names`` become the names
@@ -116,7 +123,12 @@ def read_csv(path, class_names=None) -> Detections:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DenucError(f"{path} is not a text CSV file") from None
-    rows = [(n, r) for n, r in enumerate(_csv.reader(io.StringIO(text)), 1) if r and any(c.strip() for c in r)]
+    # Spreadsheets in many European locales save CSV with ";" between fields and "," as the
+    # decimal mark: read such a file as it was meant (fields split at ";", "12,5" is 12.5).
+    head = next((line for line in text.splitlines() if line.strip()), "")
+    semicolons = ";" in head and (len(head.split(";")) > len(head.split(",")) or "," not in head)
+    reader = _csv.reader(io.StringIO(text), delimiter=";" if semicolons else ",")
+    rows = [(n, [_decimal_comma(c) for c in r] if semicolons else r) for n, r in enumerate(reader, 1) if r and any(c.strip() for c in r)]
     if not rows:
         raise DenucError(f"{path} is empty; a point CSV needs at least the header x,y")
     first = [c.strip() for c in rows[0][1]]
