@@ -1495,3 +1495,57 @@ def test_keep_says_keep_anyway_when_the_new_head_is_worse(opened, qtbot, monkeyp
     qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     assert "worse" not in w.retrain_report.text() and w.keep_btn.text() == "Keep new head"
+
+
+def two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image):
+    """(viewer, widget, paths): two of the user's PNGs of one hospital opened from disk, then Plugins > DeNuC."""
+    from PIL import Image
+
+    paths = [env["tmp"] / "case 1.png", env["tmp"] / "case 2.png"]
+    Image.fromarray(sample_image).save(paths[0])
+    Image.fromarray(sample_image[::-1].copy()).save(paths[1])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(paths[0]))
+    w = open_widget(viewer, qtbot)
+    return viewer, w, paths
+
+
+def test_class_added_on_one_image_then_retrain_on_another(make_napari_viewer, qtbot, env, sample_image):
+    """Two images detected; on the first the user adds a class, labels nuclei with it (key 4),
+    retrains and keeps the head. On the second (detected before the class existed) Retrain head
+    must work and Keep brings the class onto it. Before, it failed with "class(es) plasma of the
+    current head are missing from the new class list": the user could not retrain there at all."""
+    from napari_fakes import User
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    viewer.layers.selection.active = a
+    w.add_class("plasma")
+    for i in range(0, 50, 10):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_4)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert "plasma" in w.pipeline.head.class_names
+
+    viewer.layers.selection.active = b
+    for i in (3, 13, 23):
+        user.select(b, b.data[i].copy())
+        user.key(Qt.Key_1)
+    mine = classes(b)[[3, 13, 23]].copy()
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert w.head_path.endswith("v002.safetensors"), w.status.text()
+    assert "plasma" in list(w.legend_checks) and list(classes(b)[[3, 13, 23]]) == list(mine)
+    user.select(b, b.data[30].copy())
+    user.key(Qt.Key_4)  # the class is on this image now
+    assert classes(b)[30] == "plasma"
+    wait_saved(qtbot, w)
+    saved = json.loads((env["tmp"] / "case 2.png.denuc.json").read_text())
+    assert "plasma" in saved["class_names"] and saved["class"][30] == "plasma" and saved["head"] == w.head_path

@@ -15,6 +15,17 @@ from . import session
 from .coords import rc_to_xy
 
 
+def _with_classes_of(head, names, colors):
+    """(names, colours): the layer's classes, then those of ``head`` the layer lacks, with the head's colours."""
+    head_names = tuple(getattr(head, "class_names", None) or ())
+    missing = [n for n in head_names if n not in names]
+    if not missing:
+        return tuple(names), tuple(colors)
+    by_name = dict(zip(head_names, getattr(head, "class_colors", None) or ()))
+    spare = L.palette(len(names) + len(missing))[len(names):]
+    return tuple(names) + tuple(missing), tuple(colors) + tuple(tuple(by_name.get(n) or c) for n, c in zip(missing, spare))
+
+
 class RetrainingMixin:
     """Methods of :class:`DenucWidget` for this job; the widget holds the state (its ``__init__``)."""
 
@@ -75,7 +86,9 @@ class RetrainingMixin:
             old_learned = dict((getattr(pipe.head, "metadata", None) or {}).get("learned_from") or {})
             seen = np.isin(nids[train], old_learned.get(image_key, []))
             old_learned[image_key] = sorted({*old_learned.get(image_key, []), *nids[train].tolist()})
-            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, scored=~seen,
+            # A class the head in use knows and this layer lacks (added, and kept, on another image) stays in the new head.
+            names_h, colors_h = _with_classes_of(pipe.head, names, colors)
+            res = retrain_head(pipe.head, x[row[train]], labels, names_h, colors_h, path, scored=~seen,
                                metadata={"image": image_layer.name, "learned_from": old_learned})
             probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
             fit_info = getattr(res, "fit_info", None)
