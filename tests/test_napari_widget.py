@@ -1549,3 +1549,34 @@ def test_class_added_on_one_image_then_retrain_on_another(make_napari_viewer, qt
     wait_saved(qtbot, w)
     saved = json.loads((env["tmp"] / "case 2.png.denuc.json").read_text())
     assert "plasma" in saved["class_names"] and saved["class"][30] == "plasma" and saved["head"] == w.head_path
+
+
+def test_class_list_follows_the_image_worked_on(make_napari_viewer, qtbot, env, sample_image):
+    """A class added on one image only; the user clicks the other image's nuclei layer in the layer
+    list and adds a nucleus with the mouse. The class list shows that layer's classes, and the new
+    nucleus gets the class shown. Before, the list kept the first image's classes ("plasma"
+    chosen) and the nucleus silently became a lymphocyte."""
+    from napari_fakes import User, empty_spots
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    viewer.layers.selection.active = a
+    w.add_class("plasma")
+    w.class_combo.setCurrentText("plasma")
+    viewer.layers.selection.active = b
+    shown = [w.class_combo.itemText(i) for i in range(w.class_combo.count())]
+    assert shown == list(L_classes(b)) == list(w.legend_checks)
+    user = User(viewer, qtbot)
+    rc = empty_spots(b.data[:, ::-1], 1)[0]
+    user.add_at(b, rc)
+    assert classes(b)[-1] == w.class_combo.currentText()
+    viewer.layers.selection.active = a  # and back: the first image's classes again
+    assert "plasma" in [w.class_combo.itemText(i) for i in range(w.class_combo.count())]
+
+
+def L_classes(lyr):
+    from napari_denuc.widget import layer as L
+
+    return L.class_names(lyr)
