@@ -1580,3 +1580,53 @@ def L_classes(lyr):
     from napari_denuc.widget import layer as L
 
     return L.class_names(lyr)
+
+
+def test_kept_head_is_in_use_the_next_day_on_a_new_image(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Keep a head on the first image of a hospital, close napari; the next day open only a second
+    image, never detected before: the head kept yesterday classifies it, as it did in yesterday's
+    session, and the second image's corrections file names it. Before, a restart brought the head
+    back only with the first image's corrections: the new image got the bundled head, and a retrain
+    there started again from the bundled head, without what it had learned on the first image."""
+    from napari_fakes import FakeEncoder, User, fake_head, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.widget import models
+
+    bundled = fake_head(gt[0], gt[1], sample_image)
+
+    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+        return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
+
+    monkeypatch.setattr(models, "make_pipeline", factory)
+    monkeypatch.setattr(models, "bundled_head", lambda name, encoder: bundled)
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    for i in (0, 10, 20):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_3)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    kept = w.head_path
+    viewer.close()
+
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(paths[1]))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.head_path == kept and w2.bundled_btn.isVisible(), w2.status.text()
+    b = detect(qtbot, w2)
+    head = LinearHead.load(kept, encoder=FakeEncoder())
+    image = viewer2.layers["case 2"].data
+    xy = b.data[:, ::-1]
+    expect = head.predict(head.inputs(w2.pipeline.features_at(image, xy, 0.5), xy, 0.5))
+    np.testing.assert_array_equal(b.features["class"].cat.codes.to_numpy(), expect)
+    wait_saved(qtbot, w2)
+    assert json.loads((env["tmp"] / "case 2.png.denuc.json").read_text())["head"] == kept
+    qtbot.mouseClick(w2.bundled_btn, Qt.LeftButton)  # back to the bundled head: that is remembered too
+    qtbot.waitUntil(lambda: not w2.is_busy(), timeout=30000)
+    viewer2.close()
+    viewer3 = make_napari_viewer(show=True)
+    viewer3.add_image(sample_image, rgb=True, name="third")
+    assert open_widget(viewer3, qtbot).head_path is None
