@@ -1630,3 +1630,31 @@ def test_kept_head_is_in_use_the_next_day_on_a_new_image(make_napari_viewer, qtb
     viewer3 = make_napari_viewer(show=True)
     viewer3.add_image(sample_image, rgb=True, name="third")
     assert open_widget(viewer3, qtbot).head_path is None
+
+
+def test_retrain_on_a_second_image_says_it_builds_on_the_first(make_napari_viewer, qtbot, env, sample_image):
+    """Retrain and keep on a hospital's first image, then correct and retrain on its second: the
+    report says the new head updates the one kept on the first image (how many of the user's nuclei
+    it learned from there), so the user knows those corrections count. Before, it said only
+    "Learned from 3 of your nuclei", as if the first image's corrections were lost."""
+    from napari_fakes import User
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    for i in (0, 10, 20, 30):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_3)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert "other image" not in w.retrain_report.text()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    for i in (5, 15, 25):
+        user.select(b, b.data[i].copy())
+        user.key(Qt.Key_1)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    text = w.retrain_report.text()
+    assert "Learned from 3 of your nuclei" in text and "learned from 4 of your nuclei on 1 other image" in text, text

@@ -85,6 +85,7 @@ class RetrainingMixin:
             # for it: both heads are scored on the others only. The new head remembers all of them.
             old_learned = dict((getattr(pipe.head, "metadata", None) or {}).get("learned_from") or {})
             seen = np.isin(nids[train], old_learned.get(image_key, []))
+            elsewhere = [len(v) for k, v in old_learned.items() if k != image_key and v]  # other images' corrections it holds
             old_learned[image_key] = sorted({*old_learned.get(image_key, []), *nids[train].tolist()})
             # A class the head in use knows and this layer lacks (added, and kept, on another image) stays in the new head.
             names_h, colors_h = _with_classes_of(pipe.head, names, colors)
@@ -96,6 +97,7 @@ class RetrainingMixin:
                 fit_info["features_s"] = t_feat
                 fit_info["points_sampled"] = n_sampled
                 fit_info["n_learned_before"] = int(seen.sum())
+                fit_info["learned_elsewhere"] = (int(sum(elsewhere)), len(elsewhere))
             return res, probs, n_sampled
 
         def done(result):
@@ -161,6 +163,10 @@ class RetrainingMixin:
         per = getattr(res, "per_class", None) or {}
         n_ex = getattr(res, "n_examples", None)
         lines = [f"Learned from {n_ex} of your nuclei" + (f" ({', '.join(f'{k} {v}' for k, v in per.items())})." if per else ".")]
+        n_other, n_images = (getattr(res, "fit_info", None) or {}).get("learned_elsewhere", (0, 0))
+        if n_other:  # the corrections of other images reach the new head through the head in use
+            lines.append(f"It updates the head in use, which learned from {n_other} of your nuclei on "
+                         f"{n_images} other image{'s' if n_images > 1 else ''}: it keeps what it learned there.")
         b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
         n_eval = getattr(res, "n_eval", None)
         seen = (getattr(res, "fit_info", None) or {}).get("n_learned_before", 0)
