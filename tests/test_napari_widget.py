@@ -1495,3 +1495,166 @@ def test_keep_says_keep_anyway_when_the_new_head_is_worse(opened, qtbot, monkeyp
     qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     assert "worse" not in w.retrain_report.text() and w.keep_btn.text() == "Keep new head"
+
+
+def two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image):
+    """(viewer, widget, paths): two of the user's PNGs of one hospital opened from disk, then Plugins > DeNuC."""
+    from PIL import Image
+
+    paths = [env["tmp"] / "case 1.png", env["tmp"] / "case 2.png"]
+    Image.fromarray(sample_image).save(paths[0])
+    Image.fromarray(sample_image[::-1].copy()).save(paths[1])
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(paths[0]))
+    w = open_widget(viewer, qtbot)
+    return viewer, w, paths
+
+
+def test_class_added_on_one_image_then_retrain_on_another(make_napari_viewer, qtbot, env, sample_image):
+    """Two images detected; on the first the user adds a class, labels nuclei with it (key 4),
+    retrains and keeps the head. On the second (detected before the class existed) Retrain head
+    must work and Keep brings the class onto it. Before, it failed with "class(es) plasma of the
+    current head are missing from the new class list": the user could not retrain there at all."""
+    from napari_fakes import User
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    viewer.layers.selection.active = a
+    w.add_class("plasma")
+    for i in range(0, 50, 10):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_4)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert "plasma" in w.pipeline.head.class_names
+
+    viewer.layers.selection.active = b
+    for i in (3, 13, 23):
+        user.select(b, b.data[i].copy())
+        user.key(Qt.Key_1)
+    mine = classes(b)[[3, 13, 23]].copy()
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.pending_retrain is not None, w.status.text()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    assert w.head_path.endswith("v002.safetensors"), w.status.text()
+    assert "plasma" in list(w.legend_checks) and list(classes(b)[[3, 13, 23]]) == list(mine)
+    user.select(b, b.data[30].copy())
+    user.key(Qt.Key_4)  # the class is on this image now
+    assert classes(b)[30] == "plasma"
+    wait_saved(qtbot, w)
+    saved = json.loads((env["tmp"] / "case 2.png.denuc.json").read_text())
+    assert "plasma" in saved["class_names"] and saved["class"][30] == "plasma" and saved["head"] == w.head_path
+
+
+def test_class_list_follows_the_image_worked_on(make_napari_viewer, qtbot, env, sample_image):
+    """A class added on one image only; the user clicks the other image's nuclei layer in the layer
+    list and adds a nucleus with the mouse. The class list shows that layer's classes, and the new
+    nucleus gets the class shown. Before, the list kept the first image's classes ("plasma"
+    chosen) and the nucleus silently became a lymphocyte."""
+    from napari_fakes import User, empty_spots
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    viewer.layers.selection.active = a
+    w.add_class("plasma")
+    w.class_combo.setCurrentText("plasma")
+    viewer.layers.selection.active = b
+    shown = [w.class_combo.itemText(i) for i in range(w.class_combo.count())]
+    assert shown == list(L_classes(b)) == list(w.legend_checks)
+    user = User(viewer, qtbot)
+    rc = empty_spots(b.data[:, ::-1], 1)[0]
+    user.add_at(b, rc)
+    assert classes(b)[-1] == w.class_combo.currentText()
+    viewer.layers.selection.active = a  # and back: the first image's classes again
+    assert "plasma" in [w.class_combo.itemText(i) for i in range(w.class_combo.count())]
+
+
+def L_classes(lyr):
+    from napari_denuc.widget import layer as L
+
+    return L.class_names(lyr)
+
+
+def test_kept_head_is_in_use_the_next_day_on_a_new_image(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Keep a head on the first image of a hospital, close napari; the next day open only a second
+    image, never detected before: the head kept yesterday classifies it, as it did in yesterday's
+    session, and the second image's corrections file names it. Before, a restart brought the head
+    back only with the first image's corrections: the new image got the bundled head, and a retrain
+    there started again from the bundled head, without what it had learned on the first image."""
+    from napari_fakes import FakeEncoder, User, fake_head, fake_pipeline
+
+    from napari_denuc.head import LinearHead
+    from napari_denuc.widget import models
+
+    bundled = fake_head(gt[0], gt[1], sample_image)
+
+    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+        return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
+
+    monkeypatch.setattr(models, "make_pipeline", factory)
+    monkeypatch.setattr(models, "bundled_head", lambda name, encoder: bundled)
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    for i in (0, 10, 20):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_3)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    kept = w.head_path
+    viewer.close()
+
+    viewer2 = make_napari_viewer(show=True)
+    viewer2.open(str(paths[1]))
+    w2 = open_widget(viewer2, qtbot)
+    assert w2.head_path == kept and w2.bundled_btn.isVisible(), w2.status.text()
+    b = detect(qtbot, w2)
+    head = LinearHead.load(kept, encoder=FakeEncoder())
+    image = viewer2.layers["case 2"].data
+    xy = b.data[:, ::-1]
+    expect = head.predict(head.inputs(w2.pipeline.features_at(image, xy, 0.5), xy, 0.5))
+    np.testing.assert_array_equal(b.features["class"].cat.codes.to_numpy(), expect)
+    wait_saved(qtbot, w2)
+    assert json.loads((env["tmp"] / "case 2.png.denuc.json").read_text())["head"] == kept
+    qtbot.mouseClick(w2.bundled_btn, Qt.LeftButton)  # back to the bundled head: that is remembered too
+    qtbot.waitUntil(lambda: not w2.is_busy(), timeout=30000)
+    viewer2.close()
+    viewer3 = make_napari_viewer(show=True)
+    viewer3.add_image(sample_image, rgb=True, name="third")
+    assert open_widget(viewer3, qtbot).head_path is None
+
+
+def test_retrain_on_a_second_image_says_it_builds_on_the_first(make_napari_viewer, qtbot, env, sample_image):
+    """Retrain and keep on a hospital's first image, then correct and retrain on its second: the
+    report says the new head updates the one kept on the first image (how many of the user's nuclei
+    it learned from there), so the user knows those corrections count. Before, it said only
+    "Learned from 3 of your nuclei", as if the first image's corrections were lost."""
+    from napari_fakes import User
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    for i in (0, 10, 20, 30):
+        user.select(a, a.data[i].copy())
+        user.key(Qt.Key_3)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert "other image" not in w.retrain_report.text()
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    for i in (5, 15, 25):
+        user.select(b, b.data[i].copy())
+        user.key(Qt.Key_1)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    text = w.retrain_report.text()
+    assert "Learned from 3 of your nuclei" in text and "learned from 4 of your nuclei on 1 other image" in text, text

@@ -67,7 +67,7 @@ class DenucWidget(
         self._loading = False
         self.detector_path = None  # None: bundled
         self.encoder_name = None  # None: the library's default
-        self.head_path = None  # None: the pipeline's default head
+        self.head_path = session.load_head()  # the head kept (or chosen) last, in an earlier session too; None: the default head
         self.project_dir = session.load_project_dir()  # None: next to the image, else $DENUC_HOME
         self.extra_classes: list[str] = []
         self.timings: dict[str, float] = {}

@@ -133,6 +133,7 @@ class ModelsMixin:
                     # the default head keeps the widget usable; the corrections stay to retrain from
                     self.pipeline = make_pipeline(detector=self.detector_path, encoder=self.encoder_name, head=None)
                     self.head_path = None
+                    self._remember_head()
                     self._head_note = f"{exc}. Using the default head; your corrections are kept (Retrain head makes a new one)."
                 self.timings["pipeline_load_s"] = time.perf_counter() - t0
             return self.pipeline
@@ -152,6 +153,7 @@ class ModelsMixin:
         self.encoder_name = None if text.startswith("default") else text
         self._invalidate_pipeline()
         self.head_path = None
+        self._remember_head()
         self.head_label.setText("default")
         self.bundled_btn.setVisible(False)
 
@@ -174,8 +176,16 @@ class ModelsMixin:
                         return
                 self.pipeline.head = head
         self.head_path = None if path is None else str(path)
+        self._remember_head()
         self._show_head()
         self._sync_classes()
+
+    def _remember_head(self):
+        """The head in use is the next session's too (a new image there gets it, as it would now)."""
+        try:
+            session.save_head(self.head_path)
+        except OSError as exc:
+            show_warning(f"could not remember the head for the next session: {exc}")
 
     def _show_head(self):
         """The head's name, and the way back to the bundled head whenever another one is in use."""

@@ -15,6 +15,17 @@ from . import session
 from .coords import rc_to_xy
 
 
+def _with_classes_of(head, names, colors):
+    """(names, colours): the layer's classes, then those of ``head`` the layer lacks, with the head's colours."""
+    head_names = tuple(getattr(head, "class_names", None) or ())
+    missing = [n for n in head_names if n not in names]
+    if not missing:
+        return tuple(names), tuple(colors)
+    by_name = dict(zip(head_names, getattr(head, "class_colors", None) or ()))
+    spare = L.palette(len(names) + len(missing))[len(names):]
+    return tuple(names) + tuple(missing), tuple(colors) + tuple(tuple(by_name.get(n) or c) for n, c in zip(missing, spare))
+
+
 class RetrainingMixin:
     """Methods of :class:`DenucWidget` for this job; the widget holds the state (its ``__init__``)."""
 
@@ -74,8 +85,11 @@ class RetrainingMixin:
             # for it: both heads are scored on the others only. The new head remembers all of them.
             old_learned = dict((getattr(pipe.head, "metadata", None) or {}).get("learned_from") or {})
             seen = np.isin(nids[train], old_learned.get(image_key, []))
+            elsewhere = [len(v) for k, v in old_learned.items() if k != image_key and v]  # other images' corrections it holds
             old_learned[image_key] = sorted({*old_learned.get(image_key, []), *nids[train].tolist()})
-            res = retrain_head(pipe.head, x[row[train]], labels, names, colors, path, scored=~seen,
+            # A class the head in use knows and this layer lacks (added, and kept, on another image) stays in the new head.
+            names_h, colors_h = _with_classes_of(pipe.head, names, colors)
+            res = retrain_head(pipe.head, x[row[train]], labels, names_h, colors_h, path, scored=~seen,
                                metadata={"image": image_layer.name, "learned_from": old_learned})
             probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
             fit_info = getattr(res, "fit_info", None)
@@ -83,6 +97,7 @@ class RetrainingMixin:
                 fit_info["features_s"] = t_feat
                 fit_info["points_sampled"] = n_sampled
                 fit_info["n_learned_before"] = int(seen.sum())
+                fit_info["learned_elsewhere"] = (int(sum(elsewhere)), len(elsewhere))
             return res, probs, n_sampled
 
         def done(result):
@@ -148,6 +163,10 @@ class RetrainingMixin:
         per = getattr(res, "per_class", None) or {}
         n_ex = getattr(res, "n_examples", None)
         lines = [f"Learned from {n_ex} of your nuclei" + (f" ({', '.join(f'{k} {v}' for k, v in per.items())})." if per else ".")]
+        n_other, n_images = (getattr(res, "fit_info", None) or {}).get("learned_elsewhere", (0, 0))
+        if n_other:  # the corrections of other images reach the new head through the head in use
+            lines.append(f"It updates the head in use, which learned from {n_other} of your nuclei on "
+                         f"{n_images} other image{'s' if n_images > 1 else ''}: it keeps what it learned there.")
         b, a = getattr(res, "acc_before", None), getattr(res, "acc_after", None)
         n_eval = getattr(res, "n_eval", None)
         seen = (getattr(res, "fit_info", None) or {}).get("n_learned_before", 0)

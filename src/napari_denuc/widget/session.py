@@ -76,17 +76,39 @@ def _settings_path() -> Path:
     return default_home() / "widget.json"
 
 
+def _load_settings() -> dict:
+    try:
+        settings = json.loads(_settings_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def _save_setting(key: str, value) -> None:
+    """Remember ``key`` for later sessions, keeping the other settings (an atomic write)."""
+    settings = _load_settings()
+    settings[key] = value
+    atomic_write(_settings_path(), json.dumps(settings))
+
+
 def load_project_dir() -> Path | None:
     """The project folder chosen in an earlier session, when it still exists."""
-    try:
-        d = json.loads(_settings_path().read_text(encoding="utf-8")).get("project_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(d) if d and Path(d).is_dir() else None
+    d = _load_settings().get("project_dir")
+    return Path(d) if isinstance(d, str) and d and Path(d).is_dir() else None
 
 
 def save_project_dir(folder) -> None:
-    atomic_write(_settings_path(), json.dumps({"project_dir": str(folder) if folder else None}))
+    _save_setting("project_dir", str(folder) if folder else None)
+
+
+def load_head() -> str | None:
+    """The head file in use when the widget last changed heads (None: the bundled head), when it still exists."""
+    h = _load_settings().get("head")
+    return h if isinstance(h, str) and h and Path(h).is_file() else None
+
+
+def save_head(path) -> None:
+    _save_setting("head", str(path) if path else None)
 
 
 def heads_dir(project_dir=None) -> Path:

@@ -50,6 +50,8 @@ class ViewsMixin:
         self._apply_hidden(lyr)
 
     def _refresh_views(self):
+        if [self.class_combo.itemText(i) for i in range(self.class_combo.count())] != list(self.class_names()):
+            self._fill_class_lists()  # another image's nuclei layer, with other classes, is worked on now
         lyr = self.points_layer()
         self._update_legend(lyr)
         self._update_review_label(lyr)
@@ -69,6 +71,11 @@ class ViewsMixin:
         return tuple(self.extra_classes) or ("nucleus",)
 
     def _sync_classes(self):
+        self._fill_class_lists()
+        self._refresh_views()
+
+    def _fill_class_lists(self):
+        """The class drop-down and the review filter list the classes of the layer worked on."""
         names = list(self.class_names())
         cur = self.class_combo.currentText()
         self.class_combo.blockSignals(True)
@@ -85,7 +92,6 @@ class ViewsMixin:
             self.review_filter.setCurrentText(fcur)
         self.review_filter.blockSignals(False)
         self._on_current_class_changed(self.class_combo.currentText())
-        self._refresh_views()
 
     def _on_current_class_changed(self, name: str):
         lyr = self.points_layer()
