@@ -1405,24 +1405,33 @@ def test_import_of_a_larger_images_nuclei_skips_those_outside_this_image(make_na
     assert "none of its 12 nuclei lie on" in w.status.text(), w.status.text()
 
 
-def test_bundled_head_one_click_away_after_later_edits_and_a_restart(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
-    """Retrain, keep, edit more, restart napari: Undo no longer reaches the bundled head. *Use bundled
-    head* brings it back in one click: it reclassifies the unedited, unreviewed nuclei in the
-    background, leaves edited and reviewed ones alone, and is one undo step. Before, the bundled
-    head could only be found through the head file dialog, which did not reclassify anything."""
-    from napari_fakes import FakeEncoder, User, fake_head, fake_pipeline
-    from scipy.spatial import cKDTree
+def _heads_loaded_from_files(monkeypatch, gt, sample_image):
+    """The widget's pipelines load a head file as Pipeline.from_defaults does (fake encoder); the
+    bundled head is a fake one, returned."""
+    from napari_fakes import FakeEncoder, fake_head, fake_pipeline
 
     from napari_denuc.head import LinearHead
     from napari_denuc.widget import models
 
     bundled = fake_head(gt[0], gt[1], sample_image)
 
-    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
+    def factory(detector=None, encoder=None, head=None):
         return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
 
     monkeypatch.setattr(models, "make_pipeline", factory)
     monkeypatch.setattr(models, "bundled_head", lambda name, encoder: bundled)
+    return bundled
+
+
+def test_bundled_head_one_click_away_after_later_edits_and_a_restart(make_napari_viewer, qtbot, env, sample_image, monkeypatch, gt):
+    """Retrain, keep, edit more, restart napari: Undo no longer reaches the bundled head. *Use bundled
+    head* brings it back in one click: it reclassifies the unedited, unreviewed nuclei in the
+    background, leaves edited and reviewed ones alone, and is one undo step. Before, the bundled
+    head could only be found through the head file dialog, which did not reclassify anything."""
+    from napari_fakes import User
+    from scipy.spatial import cKDTree
+
+    bundled = _heads_loaded_from_files(monkeypatch, gt, sample_image)
     png, viewer, w = own_png_in_widget(make_napari_viewer, qtbot, env, sample_image)
     assert not w.bundled_btn.isVisible()  # the bundled head is in use
     lyr = detect(qtbot, w)
@@ -1588,18 +1597,11 @@ def test_kept_head_is_in_use_the_next_day_on_a_new_image(make_napari_viewer, qtb
     session, and the second image's corrections file names it. Before, a restart brought the head
     back only with the first image's corrections: the new image got the bundled head, and a retrain
     there started again from the bundled head, without what it had learned on the first image."""
-    from napari_fakes import FakeEncoder, User, fake_head, fake_pipeline
+    from napari_fakes import FakeEncoder, User
 
     from napari_denuc.head import LinearHead
-    from napari_denuc.widget import models
 
-    bundled = fake_head(gt[0], gt[1], sample_image)
-
-    def factory(detector=None, encoder=None, head=None):  # a head file is loaded, as Pipeline.from_defaults does
-        return fake_pipeline(gt[0], gt[1], sample_image, head=LinearHead.load(head, encoder=FakeEncoder()) if head else bundled)
-
-    monkeypatch.setattr(models, "make_pipeline", factory)
-    monkeypatch.setattr(models, "bundled_head", lambda name, encoder: bundled)
+    _heads_loaded_from_files(monkeypatch, gt, sample_image)
     viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
     a = detect(qtbot, w)
     user = User(viewer, qtbot)
