@@ -37,7 +37,6 @@ def adapt(state, user, others, steps, lr, seed):
     import torch
 
     from napari_denuc.detection.augment import Augment
-    from napari_denuc.encoders.imagenet import MEAN, STD
 
     torch.manual_seed(seed)
     model = F._model()
@@ -47,8 +46,6 @@ def adapt(state, user, others, steps, lr, seed):
     head.load_state_dict(state["head"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": params, "lr": lr}, {"params": head.parameters(), "lr": 10 * lr}], weight_decay=1e-4)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255.0
     counts = np.bincount(np.concatenate([s.labels for s in user + others]), minlength=3)
     weight = torch.tensor(counts.sum() / (3 * np.maximum(counts, 1)), dtype=torch.float32)
     rng = np.random.default_rng(seed)
@@ -56,10 +53,7 @@ def adapt(state, user, others, steps, lr, seed):
     for step in range(steps):
         pool = [user if i % 2 == 0 else others for i in range(F.BATCH)]
         batch = [F._crop(p[int(rng.integers(len(p)))], rng, aug) for p in pool]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float()
-        y = torch.from_numpy(np.concatenate([b[2] for b in batch])).long()
-        head.train()
-        loss = torch.nn.functional.cross_entropy(head(F._sample_at(model((x - mean) / std), [b[1] for b in batch], strides)), y, weight=weight)
+        loss = F.batch_loss(model, head, batch, strides, weight)
         opt.zero_grad()
         loss.backward()
         opt.step()

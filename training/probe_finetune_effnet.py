@@ -81,11 +81,23 @@ def _crop(sample, rng, aug):
     return crop, pts[inside], labels[inside]
 
 
+def batch_loss(model, head, batch, strides, weight):
+    """Weighted cross-entropy of the linear layer ``head`` on the network's features at the crops' nuclei."""
+    import torch
+
+    from napari_denuc.encoders.imagenet import MEAN, STD
+
+    x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0) / (torch.tensor(STD).view(1, 3, 1, 1) * 255.0)
+    y = torch.from_numpy(np.concatenate([b[2] for b in batch])).long()
+    head.train()
+    return torch.nn.functional.cross_entropy(head(_sample_at(model(x), [b[1] for b in batch], strides)), y, weight=weight)
+
+
 def train(holdout, root, epochs, threads):
     import torch
 
     from napari_denuc.detection.augment import Augment
-    from napari_denuc.encoders.imagenet import MEAN, STD
     from napari_denuc.io.atomic import atomic_writer
 
     torch.set_num_threads(threads)
@@ -102,8 +114,6 @@ def train(holdout, root, epochs, threads):
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[2e-4, 2e-3], total_steps=total, pct_start=0.05)
     weight = torch.tensor(counts.sum() / (3 * counts), dtype=torch.float32)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255.0
     out = OUT / holdout
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "last.pt"
@@ -120,11 +130,7 @@ def train(holdout, root, epochs, threads):
     t0 = time.time()
     while step < total:
         batch = [_crop(fit_on[int(rng.integers(len(fit_on)))], rng, aug) for _ in range(BATCH)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float()
-        y = torch.from_numpy(np.concatenate([b[2] for b in batch])).long()
-        head.train()
-        feats = _sample_at(model((x - mean) / std), [b[1] for b in batch], strides)
-        loss = torch.nn.functional.cross_entropy(head(feats), y, weight=weight)
+        loss = batch_loss(model, head, batch, strides, weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
