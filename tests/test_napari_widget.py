@@ -1660,3 +1660,44 @@ def test_retrain_on_a_second_image_says_it_builds_on_the_first(make_napari_viewe
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     text = w.retrain_report.text()
     assert "Learned from 3 of your nuclei" in text and "learned from 4 of your nuclei on 1 other image" in text, text
+
+
+def test_undoing_an_old_keep_leaves_a_later_keep_on_another_image(make_napari_viewer, qtbot, env, sample_image):
+    """Keep a head on image A, then a head on image B (it learned from A's corrections too); back on
+    A, Ctrl+Z: A's nuclei go back to their classes before its Keep, but the head in use, and the one
+    remembered for the next session, stays B's. Before, that Ctrl+Z set the shared head back to the
+    one before A's Keep, silently throwing away what B's retrain had learned. On B, Ctrl+Z of its own
+    Keep then goes back to A's head, as before."""
+    from napari_fakes import User
+
+    from napari_denuc.widget import session
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    kept = {}
+    for lyr, key in ((a, Qt.Key_3), (b, Qt.Key_1)):
+        viewer.layers.selection.active = lyr
+        for i in (2, 12, 22):
+            user.select(lyr, lyr.data[i].copy())
+            user.key(key)
+        before_keep = classes(lyr)
+        qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+        qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+        qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+        kept[lyr.name] = (w.head_path, before_keep)
+    head_a, head_b = kept[a.name][0], kept[b.name][0]
+    assert head_a != head_b and w.head_path == head_b
+
+    viewer.layers.selection.active = a
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    assert list(classes(a)) == list(kept[a.name][1])  # A's Keep is undone on A's nuclei
+    assert w.head_path == head_b and session.load_head() == head_b, w.status.text()
+    assert "stays" in w.status.text()
+
+    viewer.layers.selection.active = b
+    user.key(Qt.Key_Z, Qt.ControlModifier)
+    assert list(classes(b)) == list(kept[b.name][1])
+    assert w.head_path == head_a and session.load_head() == head_a, w.status.text()

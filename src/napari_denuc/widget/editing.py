@@ -284,10 +284,17 @@ class EditingMixin:
             tau = act.extra["tau"][0 if undo else 1]
             self._tau_shown[L.token_of(lyr)] = tau
             self._show_tau(tau)
-        head = act.extra.get("head_before" if undo else "head_after")
-        if head is not None:
-            obj, path = head
-            self.set_head(path, obj)
+
+    def _step_head(self, extra, undo: bool) -> str:
+        """Undo/redo of a Keep sets the head back only if the head in use is still the one that
+        step left: the head is shared by all images, and a later Keep on another image must not
+        be lost through an old step on this one (its nuclei go back; the head stays). Returns a
+        note for the status line when the head stays."""
+        (head, path), (expected, _) = (extra["head_before"], extra["head_after"]) if undo else (extra["head_after"], extra["head_before"])
+        if self.pipeline is not None and self.pipeline.head is not expected:
+            return f"; the head in use ({self.head_label.text()}) stays: it was kept or chosen later"
+        self.set_head(path, head)
+        return ""
 
     def undo(self, lyr=None):
         """Undo the last change to the points layer (any edit, the widget's or napari's)."""
@@ -304,8 +311,9 @@ class EditingMixin:
         act = h.undo(lyr, self._apply_state) if undo else h.redo(lyr, self._apply_state)
         if act is None:
             return None
+        note = self._step_head(act.extra, undo) if "head_before" in act.extra else ""
         self._next_nid(lyr)
         self._mark_dirty(lyr)
         self._sync_classes()
-        self._set_status(f"{'Undid' if undo else 'Redid'} {act.label}.")
+        self._set_status(f"{'Undid' if undo else 'Redid'} {act.label}{note}.")
         return act
