@@ -216,6 +216,11 @@ def test_first_hour_with_own_files(qtbot, make_napari_viewer, env, monkeypatch):
     qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
     head_path = w.head_path
     assert head_path and Path(head_path).is_file()
+    # named by the encoder's registry name, which its card records (denuc-predict --head finds the encoder)
+    from napari_denuc.cli.common import encoder_for
+
+    assert Path(head_path).name == f"head-{w.pipeline.encoder.name}-v001.safetensors" and w.pipeline.encoder.name
+    assert encoder_for(None, head_path) == w.pipeline.encoder.name
 
     # Export… (the button and its file dialog) to QuPath GeoJSON; check it as QuPath reads it
     out = env / "case 7.geojson"

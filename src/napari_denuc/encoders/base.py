@@ -22,7 +22,8 @@ class Encoder:
     either ``encode_windows`` + ``stride`` (dense maps, cached on disk) or ``window_features``.
     """
 
-    id: str = ""
+    id: str = ""  # versioned: a head checks it fits the features it reads
+    name: str = ""  # the registry name it was built from (``get_encoder`` sets it): short, for people
     feature_dim: int = 0
     mpp: float = 0.5
     window: int = 224

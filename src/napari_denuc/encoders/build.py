@@ -33,8 +33,12 @@ def get_encoder(
 
     options = dict(device=device, cache_dir=cache_dir, batch_size=batch_size, cache=cache, window=window, overlap=overlap)
     if name.startswith("timm:"):
-        return TimmEncoder.from_timm_name(name[len("timm:"):], weights=weights, pretrained=pretrained, **options)
-    spec = get_spec(name)
-    if spec.factory is not None:
-        return spec.factory(spec, detector=detector, weights=weights, pretrained=pretrained, **options)
-    return TimmEncoder.from_spec(spec, weights=weights, pretrained=pretrained, **options)
+        encoder = TimmEncoder.from_timm_name(name[len("timm:"):], weights=weights, pretrained=pretrained, **options)
+    else:
+        spec = get_spec(name)
+        if spec.factory is not None:
+            encoder = spec.factory(spec, detector=detector, weights=weights, pretrained=pretrained, **options)
+        else:
+            encoder = TimmEncoder.from_spec(spec, weights=weights, pretrained=pretrained, **options)
+    encoder.name = name
+    return encoder

@@ -74,8 +74,9 @@ class RetrainingMixin:
             t0 = time.perf_counter()
             feats, n_sampled = self._features_of(source, xy_all, inside, mpp, pipe)
             t_feat = time.perf_counter() - t0
-            enc_id = getattr(pipe.encoder, "id", "") or "encoder"
-            path = session.next_head_path(session.heads_dir(project), enc_id)
+            # the file is named by the encoder's registry name (the head inside records its versioned id)
+            enc_name = getattr(pipe.encoder, "name", "")
+            path = session.next_head_path(session.heads_dir(project), enc_name or getattr(pipe.encoder, "id", ""))
             # The head reads each nucleus with its neighbours: every nucleus on the image is context.
             on_image = np.flatnonzero(inside)
             row = np.full(len(xy_all), -1)
@@ -90,7 +91,8 @@ class RetrainingMixin:
             # A class the head in use knows and this layer lacks (added, and kept, on another image) stays in the new head.
             names_h, colors_h = _with_classes_of(pipe.head, names, colors)
             res = retrain_head(pipe.head, x[row[train]], labels, names_h, colors_h, path, scored=~seen,
-                               metadata={"image": image_layer.name, "learned_from": old_learned})
+                               metadata={"image": image_layer.name, "learned_from": old_learned,
+                                         **({"encoder": enc_name} if enc_name else {})})
             probs = np.asarray(res.head.predict_proba(x[row[open_idx]]), dtype=np.float32) if len(open_idx) else np.zeros((0, len(names)), np.float32)
             fit_info = getattr(res, "fit_info", None)
             if isinstance(fit_info, dict):
