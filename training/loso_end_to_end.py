@@ -39,37 +39,37 @@ def cache_dir(folds: Path) -> Path:
     return RUNS / "fold_detections" / folds.name
 
 
-def fold_candidates(samples, folds: Path):
-    """{tile: (xy, scores)} of each held-out tile's fold detector, at the candidate floor (cached)."""
+def fold_candidates(samples, folds: Path, sites):
+    """{tile: (xy, scores)} of each held-out tile of ``sites`` from its fold detector, at the candidate
+    floor (cached per site: a fold that is still training does not hold up the others)."""
     from napari_denuc.detection.checkpoint import load_detector
 
-    path = cache_dir(folds) / "candidates.npz"
-    if path.is_file():
-        z = np.load(path)
-        return {s.name: (z[s.name + "/xy"], z[s.name + "/scores"]) for s in samples}
     out = {}
-    for site in sorted({site_of(s.name) for s in samples}):
-        # best.safetensors is the last epoch (100) in all three `shipped` folds; its sidecar's tau was
-        # chosen on the held-out site, so only the candidates are used, thresholded at TAUS here.
-        det = load_detector(folds / site / "best.safetensors")
-        for s in samples:
-            if site_of(s.name) == site:
-                out[s.name] = det.candidates(s.image, s.mpp, nms_um=4.0)
-        print(f"{site}: candidates of the fold detector", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{f"{k}/xy": v[0] for k, v in out.items()}, **{f"{k}/scores": v[1] for k, v in out.items()})
+    for site in sites:
+        path = cache_dir(folds) / f"candidates-{site}.npz"
+        tiles = [s for s in samples if site_of(s.name) == site]
+        if not path.is_file():
+            # best.safetensors is the fold's last epoch; its sidecar's tau was chosen on the held-out
+            # site, so only the candidates are used, thresholded at TAUS here.
+            det = load_detector(folds / site / "best.safetensors")
+            c = {s.name: det.candidates(s.image, s.mpp, nms_um=4.0) for s in tiles}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **{f"{k}/xy": v[0] for k, v in c.items()}, **{f"{k}/scores": v[1] for k, v in c.items()})
+            print(f"{site}: candidates of the fold detector", flush=True)
+        z = np.load(path)
+        out.update({s.name: (z[s.name + "/xy"], z[s.name + "/scores"]) for s in tiles})
     return out
 
 
-def features(config: str, root, folds: Path):
+def features(config: str, root, folds: Path, sites):
     """Features at the fold detectors' candidates; ``{site}`` in ``config``: each site's tiles encoded
     by its own fold's encoder (e.g. ``eff0ft-{site}``, Lite0 fine-tuned without that site)."""
     from napari_denuc.encoders.lite import bundled_neck
 
     train, val = load_samples(root)
-    samples = train + val
-    cands = fold_candidates(samples, folds)
-    for site in sorted({site_of(s.name) for s in samples}) if "{site}" in config else [None]:
+    samples = [s for s in train + val if site_of(s.name) in sites]
+    cands = fold_candidates(samples, folds, sites)
+    for site in sites if "{site}" in config else [None]:
         name = config.format(site=site) if site else config
         enc = build_encoder(name, bundled_neck())
         out_dir = cache_dir(folds) / name
@@ -179,7 +179,7 @@ def fitted_tau_within_tile(tiles, cands, shipped: float, min_nuclei: int = 30) -
     return {"shipped_detection_f1": round(float(f1(np.array([start]))[0]), 4), "fitted_detection_f1": round(float(f1(np.array([fitted]))[0]), 4)}
 
 
-def score(config: str, root, folds: Path, context_um: float, json_out, shipped_tau: float, class_weight="balanced", weight_decay=0.3):
+def score(config: str, root, folds: Path, sites, context_um: float, json_out, shipped_tau: float, class_weight="balanced", weight_decay=0.3):
     from napari_denuc.context import with_context
     from napari_denuc.detection.tau_fit import TAUS as FIT_TAUS
     from napari_denuc.metrics import PointScorer
@@ -187,10 +187,10 @@ def score(config: str, root, folds: Path, context_um: float, json_out, shipped_t
     train, val = load_samples(root)
     samples = train + val
     names = samples[0].class_names
-    cands = fold_candidates(samples, folds)
-    det_feats = load_fold_features(config, samples, folds)
+    cands = fold_candidates(samples, folds, sites)
+    det_feats = load_fold_features(config, [s for s in samples if site_of(s.name) in sites], folds)
     rows, per_tile, fitted = {}, {}, {}
-    for site in sorted({site_of(s.name) for s in samples}):
+    for site in sites:
         gt_feats = load_features(config.format(site=site), samples)  # the head's training features: this fold's encoder
         fit_on = [s for s in samples if site_of(s.name) != site]
         held = [s for s in samples if site_of(s.name) == site]
@@ -252,6 +252,7 @@ def main():
     ap.add_argument("--context-um", type=float, default=40.0)
     ap.add_argument("--class-weight", default="balanced", help="head option (none for the effnet-lite0-nuclei head)")
     ap.add_argument("--weight-decay", type=float, default=0.3, help="head option (0.1 for the effnet-lite0-nuclei head)")
+    ap.add_argument("--sites", default="A7,A8,AC", help="held-out sites to score (comma-separated; the LOSO mean needs all three)")
     ap.add_argument("--json")
     ap.add_argument("--shipped-tau", type=float, help="the threshold a fitted tau starts from and is compared with (default: the bundled detector's)")
     a = ap.parse_args()
@@ -259,11 +260,12 @@ def main():
         from napari_denuc.detection.checkpoint import load_detector
 
         a.shipped_tau = load_detector(None).tau
+    sites = a.sites.split(",")
     for c in a.config:
         if a.what == "features":
-            features(c, a.root, a.folds)
+            features(c, a.root, a.folds, sites)
         else:
-            score(c, a.root, a.folds, a.context_um, a.json, a.shipped_tau, None if a.class_weight == "none" else a.class_weight, a.weight_decay)
+            score(c, a.root, a.folds, sites, a.context_um, a.json, a.shipped_tau, None if a.class_weight == "none" else a.class_weight, a.weight_decay)
 
 
 if __name__ == "__main__":

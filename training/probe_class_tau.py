@@ -34,10 +34,10 @@ def main():
     train, val = load_samples("../shared/data/brca_m2c")
     samples = train + val
     names = samples[0].class_names
-    cands = fold_candidates(samples, a.folds)
+    sites = ("A7", "A8", "AC")
+    cands = fold_candidates(samples, a.folds, sites)
     det_feats = load_fold_features(CONFIG, samples, a.folds)
     gt_feats = load_features(CONFIG, samples)
-    sites = ("A7", "A8", "AC")
     by_site = {site: [s for s in samples if site_of(s.name) == site] for site in sites}
     classified = {}  # (tile, tau or None) -> kept xy, scores, classes; None: the floor, for per-class taus
 
