@@ -1701,3 +1701,37 @@ def test_undoing_an_old_keep_leaves_a_later_keep_on_another_image(make_napari_vi
     user.key(Qt.Key_Z, Qt.ControlModifier)
     assert list(classes(b)) == list(kept[b.name][1])
     assert w.head_path == head_a and session.load_head() == head_a, w.status.text()
+
+
+def test_nuclei_a_lower_tau_brings_in_after_a_keep_get_the_kept_heads_classes(opened, qtbot, gt):
+    """Retrain head, Keep, then lower τ with the arrow keys: the nuclei that come in are classified
+    by the head in use, the kept one. Before, they got the classes the old head gave them at
+    Detect & classify (the cached candidates kept them), while the status said the new head was in use."""
+    from scipy.spatial import cKDTree
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    old_head = w.pipeline.head
+    xy = lyr.data[:, ::-1]
+    _, j = cKDTree(gt[0]).query(xy)
+    # at this hospital the pathologist calls what the head says is tumour stromal
+    idx = np.flatnonzero(gt[1][j] == 1)[::2]
+    lyr.selected_data = set(idx.tolist())
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    new_head = w.pipeline.head
+    assert new_head is not old_head
+    before = set(lyr.features["nid"].tolist())
+    w.tau_spin.setFocus()
+    for _ in range(4):
+        qtbot.keyClick(w.tau_spin, Qt.Key_Down)
+    f = lyr.features
+    came = ~f["nid"].isin(before).to_numpy()
+    assert came.sum() >= 5, w.status.text()
+    feats = w.pipeline.encoder.features_at(viewer.layers["BRCA-M2C sample"].data, lyr.data[came][:, ::-1], 0.5)
+    want = np.asarray(new_head.class_names)[new_head.predict(feats)]
+    old = np.asarray(old_head.class_names)[old_head.predict(feats)]
+    assert (want != old).any()  # the two heads disagree on some of them
+    assert list(classes(lyr)[came]) == list(want)

@@ -7,7 +7,7 @@ layer and records one undoable action.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,19 @@ class Candidates:
 
     def count(self, tau: float) -> int:
         return int((self.det.scores > tau).sum())
+
+    def classified_by(self, head) -> Candidates:
+        """These candidates as ``head`` classifies them: the head in use since the run (a Keep, the
+        bundled head) classifies the nuclei a threshold brings in. ``self`` when it already did."""
+        if head is None or head is self.head or self.features is None:
+            return self
+        det = self.det
+        if len(det):
+            probs = np.asarray(head.predict_proba(head.inputs(self.features, det.xy, self.mpp)), dtype=np.float32)
+        else:
+            probs = np.zeros((0, len(head.class_names)), np.float32)
+        det = Detections(det.xy, det.scores, probs.argmax(1), tuple(head.class_names), tuple(head.class_colors), probs)
+        return replace(self, det=det, head=head)
 
 
 def subset(det: Detections, keep) -> Detections:

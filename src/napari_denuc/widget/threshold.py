@@ -44,11 +44,15 @@ class ThresholdMixin:
         if tau < c.tau_floor - 1e-9:
             self._set_status(f"τ {tau:.2f} is below the cached {c.tau_floor:.2f}: press Detect & classify to search again.")
             return
+        head = getattr(self.pipeline, "head", None)
+        if head is not None and head is not c.head:  # kept or chosen since Detect & classify: it classifies what τ brings in
+            c = self._candidates[L.token_of(lyr)] = c.classified_by(head)
         h = self._begin_step(lyr)
         top = h.undo_stack[-1] if h.undo_stack and h.undo_stack[-1].label == "threshold" else None
         tau_before = top.extra["tau"][0] if top is not None else self._tau_shown.get(L.token_of(lyr), tau)
         h.pop_top_if("threshold", lyr, self._apply_state)  # consecutive threshold moves are one step
         det, _ = c.select(tau)
+        det = self._classes_onto_layer(lyr, det)  # the head's classes the layer lacks (e.g. a class kept on another image)
         mpp = float(self.mpp_spin.value())
         d, f, nxt, _ = E.merge_detections(
             lyr.data, lyr.features, det, region=c.region, poly=c.poly, radius_px=float(self.nms_spin.value()) / mpp,
