@@ -1735,3 +1735,43 @@ def test_nuclei_a_lower_tau_brings_in_after_a_keep_get_the_kept_heads_classes(op
     old = np.asarray(old_head.class_names)[old_head.predict(feats)]
     assert (want != old).any()  # the two heads disagree on some of them
     assert list(classes(lyr)[came]) == list(want)
+
+
+def test_detect_on_a_second_image_after_a_keep_classifies_with_the_kept_head(make_napari_viewer, qtbot, env, sample_image, gt):
+    """Two images detected; on the first the user corrects, retrains and keeps the head; on the
+    second, Detect & classify again classifies its unedited nuclei with the kept head (docs/napari.md:
+    "after Keep on a hospital's first image, Detect & classify on its second classifies with that
+    head"), and the nucleus the user corrected there keeps the user's class. Before, every nucleus
+    found again at the same place kept the class the old head had given it: nothing changed."""
+    from napari_fakes import User
+    from scipy.spatial import cKDTree
+
+    viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
+    a = detect(qtbot, w)
+    viewer.open(str(paths[1]))
+    b = detect(qtbot, w)
+    old_head = w.pipeline.head
+    user = User(viewer, qtbot)
+    user.select(b, b.data[5].copy())
+    user.key(Qt.Key_1)  # the user's word on the second image
+    viewer.layers.selection.active = a
+    _, j = cKDTree(gt[0]).query(a.data[:, ::-1])
+    a.selected_data = set(np.flatnonzero(gt[1][j] == 1)[::2].tolist())  # this hospital calls those stromal
+    w.set_class_of_selected("stromal")
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
+    new_head = w.pipeline.head
+    assert new_head is not old_head
+
+    viewer.layers.selection.active = b
+    nids = b.features["nid"].tolist()
+    b = detect(qtbot, w)
+    assert b.features["nid"].tolist() == nids  # the same nuclei, rows and ids kept
+    assert classes(b)[5] == "lymphocyte" and b.features["source"].iloc[5] == "edited"
+    feats = w.pipeline.encoder.features_at(viewer.layers["case 2"].data, b.data[:, ::-1], 0.5)
+    want = np.asarray(new_head.class_names)[new_head.predict(feats)]
+    old = np.asarray(old_head.class_names)[old_head.predict(feats)]
+    unedited = np.arange(len(b.data)) != 5
+    assert (want != old)[unedited].any()  # the kept head disagrees with the old one on some
+    assert list(classes(b)[unedited]) == list(want[unedited])

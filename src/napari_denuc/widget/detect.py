@@ -158,7 +158,7 @@ class DetectMixin:
         d, f, nxt, kept = E.merge_detections(
             lyr.data, lyr.features, det, region=cands.region, poly=cands.poly,
             radius_px=float(self.nms_spin.value()) / mpp,
-            tombstones=lyr.metadata["denuc"].get("tombstones") or (), next_nid=self._next_nid(lyr),
+            tombstones=lyr.metadata["denuc"].get("tombstones") or (), next_nid=self._next_nid(lyr), reclassify=True,
         )
         self._set_next_nid(lyr, nxt)
         self._write(lyr, data=d, features=f)

@@ -118,7 +118,7 @@ def _append(data, features, det, source, reviewed, next_nid):
 
 
 def merge_detections(data, features, det: Detections, *, region=None, poly=None, radius_px: float,
-                     tombstones=(), next_nid: int = 0):
+                     tombstones=(), next_nid: int = 0, reclassify: bool = False):
     """The layer after a (re-)detection in ``region``: ``(data, features, next_nid, n_kept_user)``.
 
     - unreviewed model nuclei in the region are replaced by ``det``;
@@ -126,7 +126,9 @@ def merge_detections(data, features, det: Detections, *, region=None, poly=None,
       one of them (or of a kept nucleus outside the region) is added;
     - a detection within ``radius_px`` of a tombstone (a model nucleus the user deleted) is
       not added: deleted nuclei never come back;
-    - a model nucleus whose detection comes back at the same place keeps its row (and id).
+    - a model nucleus whose detection comes back at the same place keeps its row (and id);
+      with ``reclassify`` (Detect & classify) it takes the detection's class, score and
+      probabilities (the head in use may not be the one that classified it).
     """
     names = list(features["class"].cat.categories)
     det = to_classes(det, names, ()) if tuple(det.class_names) != tuple(names) else det
@@ -144,6 +146,8 @@ def merge_detections(data, features, det: Detections, *, region=None, poly=None,
         same = hit
         idx_replace = np.flatnonzero(replace)
         replace[idx_replace[j[hit]]] = False  # the same nucleus again: keep its row
+        if reclassify and det.probs is not None:
+            features = _refreshed(features, idx_replace[j[hit]], subset(det, hit))
     keep = ~replace
     det = subset(det, ~same)
     drop = _near(det.xy, xy_old[keep], radius_px) | _near(det.xy, tombstones, radius_px)
@@ -151,6 +155,18 @@ def merge_detections(data, features, det: Detections, *, region=None, poly=None,
     kept_f = features.iloc[np.flatnonzero(keep)].reset_index(drop=True)
     d, f, next_nid = _append(np.asarray(data).reshape(-1, 2)[keep], kept_f, det, "model", False, next_nid)
     return d, f, next_nid, int(user.sum())
+
+
+def _refreshed(features, rows, det: Detections) -> pd.DataFrame:
+    """``features`` with ``det``'s class, score and probabilities at ``rows`` (the same nuclei found again)."""
+    if not len(rows):
+        return features
+    f, _ = L.with_predictions(features, rows, det.class_ids, det.probs)
+    if "score" in f:
+        score = np.asarray(f["score"], dtype=np.float32).copy()
+        score[rows] = det.scores
+        f["score"] = score
+    return f
 
 
 def import_table(data, features, det: Detections, mode: str, *, radius_px: float, next_nid: int,
