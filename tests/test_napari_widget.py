@@ -1775,3 +1775,27 @@ def test_detect_on_a_second_image_after_a_keep_classifies_with_the_kept_head(mak
     unedited = np.arange(len(b.data)) != 5
     assert (want != old)[unedited].any()  # the kept head disagrees with the old one on some
     assert list(classes(b)[unedited]) == list(want[unedited])
+
+
+def test_reviewed_undo_and_redo_buttons(opened, qtbot):
+    """The dock's Reviewed, Undo and Redo buttons, clicked with the mouse. Before, Qt handed each the
+    button's checked state (False) as the layer, and every click ended in an AttributeError."""
+    from napari_fakes import User
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    i = next(k for k in range(len(lyr.data)) if classes(lyr)[k] != "stromal")
+    cls0 = classes(lyr)
+    user.select(lyr, lyr.data[i].copy())
+    user.key(Qt.Key_3)
+    assert classes(lyr)[i] == "stromal"
+    user.select(lyr, lyr.data[i + 2].copy())
+    qtbot.mouseClick(w.review_btn, Qt.LeftButton)
+    assert lyr.features["reviewed"].iloc[i + 2]
+    qtbot.mouseClick(w.undo_btn, Qt.LeftButton)
+    assert not lyr.features["reviewed"].iloc[i + 2]
+    qtbot.mouseClick(w.undo_btn, Qt.LeftButton)
+    assert list(classes(lyr)) == list(cls0)
+    qtbot.mouseClick(w.redo_btn, Qt.LeftButton)
+    assert classes(lyr)[i] == "stromal" and lyr.features["source"].iloc[i] == "edited"
