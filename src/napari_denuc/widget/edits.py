@@ -38,27 +38,20 @@ class Candidates:
     def select(self, tau: float) -> tuple[Detections, np.ndarray | None]:
         keep = self.det.scores > tau  # the detector keeps prob > tau
         det, feats = subset(self.det, keep), (None if self.features is None else self.features[keep])
-        if getattr(self.head, "context_um", 0) > 0 and feats is not None and len(det):
-            # A nucleus's context is the other nuclei kept at this tau, not every low-score candidate.
-            probs = self.head.predict_proba(self.head.inputs(feats, det.xy, self.mpp))
-            det = Detections(det.xy, det.scores, probs.argmax(1), det.class_names, det.class_colors, probs)
+        if self.head is not None and feats is not None and len(det):
+            # Classified here, by ``head``: a context head reads the other nuclei kept at this tau
+            # (not every low-score candidate), and a head kept since the run classifies what the
+            # threshold brings in (``with_head``).
+            probs = np.asarray(self.head.predict_proba(self.head.inputs(feats, det.xy, self.mpp)), dtype=np.float32)
+            det = Detections(det.xy, det.scores, probs.argmax(1), tuple(self.head.class_names), tuple(self.head.class_colors), probs)
         return det, feats
 
     def count(self, tau: float) -> int:
         return int((self.det.scores > tau).sum())
 
-    def classified_by(self, head) -> Candidates:
-        """These candidates as ``head`` classifies them: the head in use since the run (a Keep, the
-        bundled head) classifies the nuclei a threshold brings in. ``self`` when it already did."""
-        if head is None or head is self.head or self.features is None:
-            return self
-        det = self.det
-        if len(det):
-            probs = np.asarray(head.predict_proba(head.inputs(self.features, det.xy, self.mpp)), dtype=np.float32)
-        else:
-            probs = np.zeros((0, len(head.class_names)), np.float32)
-        det = Detections(det.xy, det.scores, probs.argmax(1), tuple(head.class_names), tuple(head.class_colors), probs)
-        return replace(self, det=det, head=head)
+    def with_head(self, head) -> Candidates:
+        """These candidates, classified by ``head`` from now on (the head in use since the run)."""
+        return self if head is None or head is self.head else replace(self, head=head)
 
 
 def subset(det: Detections, keep) -> Detections:

@@ -44,9 +44,8 @@ class ThresholdMixin:
         if tau < c.tau_floor - 1e-9:
             self._set_status(f"τ {tau:.2f} is below the cached {c.tau_floor:.2f}: press Detect & classify to search again.")
             return
-        head = getattr(self.pipeline, "head", None)
-        if head is not None and head is not c.head:  # kept or chosen since Detect & classify: it classifies what τ brings in
-            c = self._candidates[L.token_of(lyr)] = c.classified_by(head)
+        # a head kept or chosen since Detect & classify classifies what τ brings in
+        c = self._candidates[L.token_of(lyr)] = c.with_head(getattr(self.pipeline, "head", None))
         h = self._begin_step(lyr)
         top = h.undo_stack[-1] if h.undo_stack and h.undo_stack[-1].label == "threshold" else None
         tau_before = top.extra["tau"][0] if top is not None else self._tau_shown.get(L.token_of(lyr), tau)
