@@ -1799,3 +1799,26 @@ def test_reviewed_undo_and_redo_buttons(opened, qtbot):
     assert list(classes(lyr)) == list(cls0)
     qtbot.mouseClick(w.redo_btn, Qt.LeftButton)
     assert classes(lyr)[i] == "stromal" and lyr.features["source"].iloc[i] == "edited"
+
+
+def test_changing_the_encoder_while_keep_waits_discards_the_new_head(opened, qtbot, env):
+    """Retrain, then, with Keep and Discard showing, pick another encoder in the Models section: the
+    new head (trained on the old encoder's features) is discarded, its file removed, and the status
+    says to retrain. Before, Keep stayed on offer and pressing it raised AttributeError (the
+    pipeline was gone), leaving the head file behind and the layer unchanged."""
+    from napari_fakes import User
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    user = User(viewer, qtbot)
+    for i in (1, 11, 21):
+        user.select(lyr, lyr.data[i].copy())
+        user.key(Qt.Key_3)
+    before = classes(lyr)
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert w.keep_btn.isVisible() and w.pending_retrain is not None
+    w.encoder_combo.setCurrentIndex(w.encoder_combo.findText("lite"))  # what choosing it in the list does
+    assert not w.keep_btn.isVisible() and w.pending_retrain is None
+    assert "discarded" in w.status.text() and not list((env["home"] / "heads").glob("*.safetensors"))
+    assert list(classes(lyr)) == list(before)

@@ -141,6 +141,9 @@ class ModelsMixin:
     def _invalidate_pipeline(self):
         with self._pipeline_lock:
             self.pipeline = None
+        if self.pending_retrain is not None:  # trained on the models being replaced: Keep could not apply it
+            self.answer_retrain(False)
+            self._set_status("The new head waiting for Keep was discarded: it was trained with the models you changed. Retrain head again.")
 
     def _choose_detector(self):
         path, _ = QFileDialog.getOpenFileName(self, "Detector checkpoint", "", "Detector (*.safetensors)")
