@@ -119,6 +119,7 @@ def test_qupath_points_annotations(tmp_path):
     np.testing.assert_allclose(d.xy, [[10, 20], [30, 40], [5, 5]])
     assert d.class_ids.tolist() == [0, 0, 1]
     assert d.scores.tolist() == [1.0, 1.0, 1.0] and d.probs is None
+    assert list(d.source) == ["user"] * 3  # a person placed and classified them in QuPath
 
 
 def test_bare_array_string_classification_and_unclassified(tmp_path):

@@ -1822,3 +1822,29 @@ def test_changing_the_encoder_while_keep_waits_discards_the_new_head(opened, qtb
     assert not w.keep_btn.isVisible() and w.pending_retrain is None
     assert "discarded" in w.status.text() and not list((env["home"] / "heads").glob("*.safetensors"))
     assert list(classes(lyr)) == list(before)
+
+
+def test_points_placed_in_qupath_import_as_the_users_nuclei(opened, qtbot, env):
+    """A pathologist classifies nuclei with QuPath's Points tool (one MultiPoint *annotation* per
+    class, nothing from DeNuC in it), exports GeoJSON and imports it here: those nuclei are the
+    user's, so Detect & classify keeps them with their classes and Retrain head learns from them.
+    Before, they came in as unreviewed model nuclei: Retrain ignored them and the next Detect
+    replaced them with the model's classes."""
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    xy = lyr.data[[4, 14, 24, 34, 44, 54], ::-1]
+    mine = ["stromal", "stromal", "stromal", "tumor", "tumor", "tumor"]
+    feats = [{"type": "Feature", "id": f"pts-{c}",
+              "geometry": {"type": "MultiPoint", "coordinates": [[x + 0.5, y + 0.5] for (x, y), k in zip(xy, mine) if k == c]},
+              "properties": {"objectType": "annotation", "classification": {"name": c, "color": [200, 0, 0]}}} for c in ("stromal", "tumor")]
+    path = env["tmp"] / "from qupath.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    w.import_points(path, mode="merge")
+    rows = [nearest(lyr, p[::-1]) for p in xy]
+    assert list(classes(lyr)[rows]) == mine and set(lyr.features["source"].astype(str).iloc[rows]) == {"edited"}
+    detect(qtbot, w)  # again: the user's nuclei stay as they are
+    rows = [nearest(lyr, p[::-1]) for p in xy]
+    assert list(classes(lyr)[rows]) == mine
+    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
+    assert "Learned from 6 of your nuclei" in w.retrain_report.text(), w.retrain_report.text()

@@ -22,7 +22,8 @@ What is read (:func:`read_geojson`):
   nucleus, ``prob <class>``;
 - the nucleus' ``source`` from ``metadata.source`` (a string; QuPath keeps ``metadata``), a
   plain ``source`` property, or the numeric ``source`` measurement (an index into
-  :data:`SOURCE_CODES`); ``"model"`` when none is there.
+  :data:`SOURCE_CODES`); else ``"user"`` for a classified QuPath *annotation* (points a person
+  placed with QuPath's Points tool; algorithms make *detections*), ``"model"`` for the rest.
 
 What is written (:func:`write_geojson`, :func:`write_geojson_chunks`): one ``Point``
 detection per nucleus, classified, with the measurements ``score``, ``prob <class>``,
@@ -255,6 +256,8 @@ def _source_of(props: dict, m: dict) -> str:
     code = m.get("source")
     if isinstance(code, (int, float)) and float(code).is_integer() and 0 <= code < len(SOURCE_CODES):
         return SOURCE_CODES[int(code)]
+    if props.get("objectType") == "annotation" and props.get("classification"):
+        return "user"  # drawn and classified by a person in QuPath (its Points tool); algorithms make detections
     return DEFAULT_SOURCE
 
 
