@@ -75,6 +75,15 @@ def test_geojson_round_trip(tmp_path, det):
     assert back.probs is None  # no "prob other" measurement
 
 
+def test_geojson_keeps_the_models_probs_beside_nuclei_placed_by_hand(tmp_path, det):
+    """A nucleus the user added has no probabilities (NaN, left out of the file): the others keep theirs.
+    Before, one such nucleus dropped every nucleus's probabilities on reading."""
+    det.probs[2] = np.nan
+    back = read_geojson(write_geojson(tmp_path / "a.geojson", det))
+    np.testing.assert_allclose(back.probs[:2], det.probs[:2], rtol=1e-5)
+    assert np.isnan(back.probs[2]).all()
+
+
 def test_geojson_without_probs(tmp_path, det):
     det.probs = None
     back = read_geojson(write_geojson(tmp_path / "a.geojson", det))

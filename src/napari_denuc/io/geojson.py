@@ -18,8 +18,8 @@ What is read (:func:`read_geojson`):
   (packed integer, QuPath 0.2) or a bare string; features without one get the class
   ``"nucleus"`` when no feature in the file is classified, else ``"Unclassified"``;
 - ``measurements`` as a dict (QuPath >= 0.3) or a list of ``{"name", "value"}``: ``score``
-  (default 1.0), ``reviewed`` (0/1, default 0) and, when every class has one on every
-  nucleus, ``prob <class>``;
+  (default 1.0), ``reviewed`` (0/1, default 0) and ``prob <class>`` (when some nucleus has one
+  for every class; NaN for the nuclei that have not, such as those placed by hand);
 - the nucleus' ``source`` from ``metadata.source`` (a string; QuPath keeps ``metadata``), a
   plain ``source`` property, or the numeric ``source`` measurement (an index into
   :data:`SOURCE_CODES`); else ``"user"`` for a classified QuPath *annotation* (points a person
@@ -335,8 +335,9 @@ def read_geojson(path, class_names=None, unclassified: str | None = None) -> Det
 
     probs = None
     keys = [f"prob {n}" for n in class_names]
-    if meas and all(all(isinstance(m.get(k), (int, float)) for k in keys) for m in meas):
-        probs = np.array([[m[k] for k in keys] for m in meas], dtype=np.float32)
+    has = [all(isinstance(m.get(k), (int, float)) for k in keys) for m in meas]
+    if any(has):  # nuclei placed by hand have none (the writer leaves NaN out): NaN rows for them
+        probs = np.array([[m[k] for k in keys] if ok else [np.nan] * len(keys) for m, ok in zip(meas, has)], dtype=np.float32)
 
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(xy).all():
