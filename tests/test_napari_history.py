@@ -271,6 +271,23 @@ def test_rethreshold_of_cached_candidates_equals_detect_at_higher_tau():
     assert len(xy_lo) > len(det.detect(image, 0.5, tau=0.7)[0])  # the floor really holds more candidates
 
 
+def test_cached_candidates_take_a_later_head_of_the_same_encoder_only():
+    """The threshold path classifies cached candidates with the head kept since the run (its
+    classes too), but not with a head for another encoder: the cached features are not its input."""
+    from napari_denuc.head import LinearHead
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 8)).astype(np.float32)
+    run_head = LinearHead(8, NAMES, encoder_id="enc-a")
+    c = E.Candidates(_det(40), feats, 0.3, head=run_head)
+    kept = LinearHead(8, (*NAMES, "plasma"), encoder_id="enc-a")
+    kept.fit(feats, np.arange(40) % 4, epochs=30)
+    det, _ = c.with_head(kept).select(0.5)
+    assert det.class_names == kept.class_names
+    np.testing.assert_array_equal(det.class_ids, kept.predict(kept.inputs(feats[c.det.scores > 0.5], det.xy, 0.5)))
+    assert c.with_head(LinearHead(16, NAMES, encoder_id="enc-b")) is c
+
+
 def test_any_file_source_text_maps_onto_model_or_edited():
     det = _det(4)
     f = L.make_features(det, source=np.array(["model", "user", "imported", "edited"], dtype=object))

@@ -50,8 +50,11 @@ class Candidates:
         return int((self.det.scores > tau).sum())
 
     def with_head(self, head) -> Candidates:
-        """These candidates, classified by ``head`` from now on (the head in use since the run)."""
-        return self if head is None or head is self.head else replace(self, head=head)
+        """These candidates, classified by ``head`` from now on (the head in use since the run);
+        unchanged when ``head`` reads another encoder's features than the cached ones."""
+        if head is None or head is self.head or getattr(head, "encoder_id", None) != getattr(self.head, "encoder_id", None):
+            return self
+        return replace(self, head=head)
 
 
 def subset(det: Detections, keep) -> Detections:
