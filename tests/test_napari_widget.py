@@ -797,6 +797,24 @@ def test_retrain_skips_corrections_outside_the_image(opened, qtbot):
     np.testing.assert_array_equal(classes(lyr)[off], before)
 
 
+def test_dragging_every_nucleus_at_once_marks_them_edited(opened, qtbot):
+    """A drag of the whole selection reports every index, as a programmatic reset does: the
+    nuclei the user dragged are edits all the same (Retrain learns from them, Detect keeps them)."""
+    from napari_fakes import User
+
+    viewer, w = opened
+    user = User(viewer, qtbot)
+    lyr = detect(qtbot, w)
+    n = len(lyr.data)
+    before = lyr.data.copy()
+    user.select(lyr, before[0])
+    user.key(Qt.Key_A)  # napari's select-all of the points in view
+    lyr.selected_data = set(range(n))  # and the ones out of view
+    user.drag(lyr.data[0].copy(), lyr.data[0] + (0, 6))
+    qtbot.wait(400)  # the move settles into one undo step
+    np.testing.assert_allclose(lyr.data[:, 1] - before[:, 1], 6.0, atol=1.0)
+    assert (lyr.features["source"].astype(str) == "edited").sum() == n
+
 # ------------------------------------------------------------------------- a user's own files (audit)
 def png_of(sample_image, folder):
     """The sample tile as the user's own PNG (no resolution in the file), in a writable folder."""
@@ -1703,26 +1721,31 @@ def test_undoing_an_old_keep_leaves_a_later_keep_on_another_image(make_napari_vi
     assert w.head_path == head_a and session.load_head() == head_a, w.status.text()
 
 
-def test_nuclei_a_lower_tau_brings_in_after_a_keep_get_the_kept_heads_classes(opened, qtbot, gt):
-    """Retrain head, Keep, then lower τ with the arrow keys: the nuclei that come in are classified
-    by the head in use, the kept one. Before, they got the classes the old head gave them at
-    Detect & classify (the cached candidates kept them), while the status said the new head was in use."""
+def _keep_a_head_that_calls_tumour_stromal(qtbot, w, lyr, gt):
+    """At this hospital the pathologist calls every other ground-truth tumour nucleus stromal:
+    correct those on ``lyr``, Retrain head, Keep; returns the kept head."""
     from scipy.spatial import cKDTree
 
-    viewer, w = opened
-    lyr = detect(qtbot, w)
     old_head = w.pipeline.head
-    xy = lyr.data[:, ::-1]
-    _, j = cKDTree(gt[0]).query(xy)
-    # at this hospital the pathologist calls what the head says is tumour stromal
-    idx = np.flatnonzero(gt[1][j] == 1)[::2]
-    lyr.selected_data = set(idx.tolist())
+    _, j = cKDTree(gt[0]).query(lyr.data[:, ::-1])
+    lyr.selected_data = set(np.flatnonzero(gt[1][j] == 1)[::2].tolist())
     w.set_class_of_selected("stromal")
     qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
     qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
-    new_head = w.pipeline.head
-    assert new_head is not old_head
+    assert w.pipeline.head is not old_head, w.status.text()
+    return w.pipeline.head
+
+
+def test_nuclei_a_lower_tau_brings_in_after_a_keep_get_the_kept_heads_classes(opened, qtbot, gt):
+    """Retrain head, Keep, then lower τ with the arrow keys: the nuclei that come in are classified
+    by the head in use, the kept one. Before, they got the classes the old head gave them at
+    Detect & classify (the cached candidates kept them), while the status said the new head was in use."""
+
+    viewer, w = opened
+    lyr = detect(qtbot, w)
+    old_head = w.pipeline.head
+    new_head = _keep_a_head_that_calls_tumour_stromal(qtbot, w, lyr, gt)
     before = set(lyr.features["nid"].tolist())
     w.tau_spin.setFocus()
     for _ in range(4):
@@ -1744,7 +1767,6 @@ def test_detect_on_a_second_image_after_a_keep_classifies_with_the_kept_head(mak
     head"), and the nucleus the user corrected there keeps the user's class. Before, every nucleus
     found again at the same place kept the class the old head had given it: nothing changed."""
     from napari_fakes import User
-    from scipy.spatial import cKDTree
 
     viewer, w, paths = two_pngs_in_widget(make_napari_viewer, qtbot, env, sample_image)
     a = detect(qtbot, w)
@@ -1755,14 +1777,7 @@ def test_detect_on_a_second_image_after_a_keep_classifies_with_the_kept_head(mak
     user.select(b, b.data[5].copy())
     user.key(Qt.Key_1)  # the user's word on the second image
     viewer.layers.selection.active = a
-    _, j = cKDTree(gt[0]).query(a.data[:, ::-1])
-    a.selected_data = set(np.flatnonzero(gt[1][j] == 1)[::2].tolist())  # this hospital calls those stromal
-    w.set_class_of_selected("stromal")
-    qtbot.mouseClick(w.retrain_btn, Qt.LeftButton)
-    qtbot.waitUntil(lambda: not w.is_busy(), timeout=30000)
-    qtbot.mouseClick(w.keep_btn, Qt.LeftButton)
-    new_head = w.pipeline.head
-    assert new_head is not old_head
+    new_head = _keep_a_head_that_calls_tumour_stromal(qtbot, w, a, gt)
 
     viewer.layers.selection.active = b
     nids = b.features["nid"].tolist()

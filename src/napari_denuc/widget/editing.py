@@ -119,7 +119,9 @@ class EditingMixin:
             self._record(lyr, "delete")
         elif action.endswith("changed"):
             idx = [int(i) for i in (getattr(event, "data_indices", ()) or ()) if 0 <= int(i) < len(lyr.data)]
-            if idx and len(idx) < len(lyr.data):
+            # every index is also what a programmatic `layer.data = ...` reports; a mouse drag moves
+            # the selection, so all nuclei dragged at once (or the only one) still count as edits
+            if idx and (len(idx) < len(lyr.data) or set(idx) <= set(lyr.selected_data)):
                 f = lyr.features
                 edited, _ = L.flags(f, len(f))
                 if not edited[idx].all():
