@@ -815,6 +815,7 @@ def test_dragging_every_nucleus_at_once_marks_them_edited(opened, qtbot):
     np.testing.assert_allclose(lyr.data[:, 1] - before[:, 1], 6.0, atol=1.0)
     assert (lyr.features["source"].astype(str) == "edited").sum() == n
 
+
 # ------------------------------------------------------------------------- a user's own files (audit)
 def png_of(sample_image, folder):
     """The sample tile as the user's own PNG (no resolution in the file), in a writable folder."""
@@ -1741,7 +1742,6 @@ def test_nuclei_a_lower_tau_brings_in_after_a_keep_get_the_kept_heads_classes(op
     """Retrain head, Keep, then lower τ with the arrow keys: the nuclei that come in are classified
     by the head in use, the kept one. Before, they got the classes the old head gave them at
     Detect & classify (the cached candidates kept them), while the status said the new head was in use."""
-
     viewer, w = opened
     lyr = detect(qtbot, w)
     old_head = w.pipeline.head
